@@ -1,0 +1,142 @@
+"""`python -m finllm_pl {fit,validate,predict,test} --config configs/<x>.yaml`: the LightningCLI entry point.
+
+What this file adds to a plain LightningCLI:
+  - links: model.model_name_or_path -> data.tokenizer, model.trust_remote_code -> data.trust_remote_code,
+    data.labels -> model.labels (each value is set once, in one place);
+  - a `checkpoint` section (ModelCheckpoint: every N optimizer steps + last) and crash-safe checkpoint files;
+  - precision chosen for the hardware when the config leaves it unset (bf16-mixed / 16-mixed / 32-true);
+  - `--ckpt_path` may also be an adapter folder (predict/validate with an exported adapter);
+  - user errors (bad data, bad config key, missing model, corrupted checkpoint) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Optional
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .callbacks import AdapterExport, AtomicCheckpointIO, ValidationReport, load_checkpoint_file
+from .data import InstructionDataModule
+from .errors import ConfigError, FinLLMError, ModelError
+from .module import FinLLM
+
+SPECIAL_CKPT = ("last", "best", "hpc", "registry")
+
+# Noise that says nothing to a user of this CLI: our checkpoints are taken right after an optimizer step on
+# purpose, and the two deprecations come from inside transformers / Lightning.
+for _pattern in (".*no pre-optimization state was saved.*", ".*is_gradient_checkpointing.*is deprecated.*",
+                 ".*isinstance\\(treespec, LeafSpec\\).*", ".*Checkpoint directory .* exists and is not empty.*"):
+    warnings.filterwarnings("ignore", message=_pattern)
+
+
+class _Parser(LightningArgumentParser):
+    def error(self, message: str, ex: Optional[Exception] = None):  # one line, not a usage wall
+        first = " ".join(str(message).split())
+        sys.stderr.write(f"error: {first[:400]}\n(see `python -m finllm_pl <command> --help` for every option)\n")
+        sys.exit(2)
+
+
+class FinLLMCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer", apply_on="parse")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code", apply_on="parse")
+        parser.link_arguments("data.labels", "model.labels", apply_on="parse")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.dirpath": "checkpoints/run",
+            "checkpoint.filename": "step{step:06d}",
+            "checkpoint.every_n_train_steps": 1000,
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": -1,
+        })
+
+    def _parse_ckpt_path(self) -> None:
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and os.path.isdir(ckpt):  # an exported adapter (or merged model) folder
+            if not os.path.exists(os.path.join(ckpt, "adapter_config.json")):
+                raise ModelError(f"{ckpt}: folder is not an adapter (no adapter_config.json); give a .ckpt or the "
+                                 "adapter folder fit exported (checkpoints/<run>/adapter)")
+            self.config[f"{sub}.model.adapter_path"] = ckpt
+            self.config[f"{sub}.ckpt_path"] = None
+            return
+        if ckpt and ckpt not in SPECIAL_CKPT:
+            load_checkpoint_file(ckpt)  # a clear error for a missing or corrupted file, before anything loads
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.config.subcommand]
+        if cfg.trainer.get("precision") is None:
+            accel = str(cfg.trainer.get("accelerator") or "auto")
+            gpu = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
+            cfg.trainer.precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if gpu else "32-true"
+        if self.config.subcommand in ("fit", "validate") and cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+            raise ConfigError("trainer.accumulate_grad_batches: use model.accumulate_grad_batches (manual optimization)")
+        if self.config.subcommand == "fit" and cfg.trainer.get("gradient_clip_val"):
+            raise ConfigError("trainer.gradient_clip_val: use model.gradient_clip_val (manual optimization)")
+
+    def instantiate_trainer(self, **kwargs):
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(hasattr(p, "save_checkpoint") for p in plugins):
+            plugins = [AtomicCheckpointIO(), *plugins]  # crash-safe checkpoint files unless the user brings an IO
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
+
+    def _check_prompt_format(self) -> None:
+        """An adapter must be used with the prompt format it was trained with."""
+        from .model import read_prompt_format
+
+        adapter = self.model.hparams.adapter_path
+        saved = read_prompt_format(adapter) if adapter else None
+        if not saved:
+            return
+        now = self.datamodule.build_formatter().describe()
+        for key in ("style", "think", "system_prompt"):
+            if saved.get(key) != now.get(key):
+                raise ConfigError(f"data.{'prompt_style' if key == 'style' else key}: the adapter {adapter} was trained "
+                                  f"with {key}={saved.get(key)!r}, this run uses {now.get(key)!r}; set it to match")
+        if saved.get("labels") and list(saved["labels"]) != list(self.datamodule.hparams.labels):
+            raise ConfigError(f"data.labels: the adapter was trained with {saved['labels']}; set data.labels to match")
+
+    def before_validate(self) -> None:
+        self._check_prompt_format()
+
+    def before_predict(self) -> None:
+        from .predict import PredictionWriter
+
+        self._check_prompt_format()
+        self.config_init["predict"]["return_predictions"] = False  # rows go to the file; memory stays bounded
+        output, expect = self.datamodule.predict_job()
+        self.trainer.callbacks.append(PredictionWriter(output, self.datamodule.hparams.labels, expect))
+        self._predict_output = output
+
+    def after_predict(self) -> None:
+        print(f"labels written to {self._predict_output}", file=sys.stderr)
+
+
+def cli_main(args: Optional[list[str]] = None) -> FinLLMCLI:
+    try:
+        return FinLLMCLI(
+            FinLLM,
+            InstructionDataModule,
+            args=args,
+            auto_configure_optimizers=False,
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [AdapterExport(), ValidationReport()]},
+            subclass_mode_model=False,
+            subclass_mode_data=False,
+            parser_class=_Parser,
+        )
+    except FinLLMError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli_main()

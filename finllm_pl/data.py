@@ -1,0 +1,389 @@
+"""InstructionDataModule: JSONL rows -> tokenized, cached, length-grouped, resumable batches.
+
+Flow: `records.iter_rows` checks every row (errors name file:line) -> `PromptFormatter.encode_example` tokenizes
+prompt and answer apart (prompt labels -100) -> `datasets` caches the result on disk, keyed by the file's bytes,
+the tokenizer, the prompt format and max_length, so a second run starts at once -> `LengthGroupedBatchSampler`
+makes batches of similar length (little compute wasted on padding), deterministically for (seed, epoch), shards
+them across ranks, and resumes mid-epoch from the checkpoint without repeating or skipping a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Sampler
+
+from .prompts import DEFAULT_INSTRUCTION, DEFAULT_LABELS, PromptFormatter, PromptStyle, ThinkPolicy
+from .errors import ConfigError, DataError
+from .records import iter_rows
+
+CACHE_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FINLLM_CACHE", Path.home() / ".cache" / "finllm_pl")) / "tokenized"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenization with an on-disk cache
+# ---------------------------------------------------------------------------------------------------------
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenize_file(
+    path: str,
+    formatter: PromptFormatter,
+    max_length: int,
+    instruction: str,
+    labels: Optional[Sequence[str]],
+    cache_dir: Path,
+    text_column: str = "text",
+    label_column: str = "label",
+):
+    """Tokenized rows of `path` as a `datasets.Dataset` (input_ids, labels, prompt_len, length, gold, truncated)."""
+    import datasets
+
+    rows = list(iter_rows(path, instruction=instruction, need_output=True, labels=labels,
+                          text_column=text_column, label_column=label_column))  # checks every row first
+    key_src = "|".join([CACHE_VERSION, _file_digest(path), formatter.fingerprint(), str(max_length), instruction,
+                        repr(list(labels) if labels else None), text_column, label_column])
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    target = cache_dir / f"{Path(path).stem}-{key}"
+    if (target / "dataset_info.json").exists():
+        return datasets.load_from_disk(str(target))
+
+    label_index = {label: i for i, label in enumerate(labels or [])}
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_len", "length", "gold", "truncated")}
+        for ins, inp, ans in zip(batch["instruction"], batch["input"], batch["output"]):
+            ids, lab, plen, cut = formatter.encode_example(ins, inp, ans, max_length)
+            out["input_ids"].append(ids)
+            out["labels"].append(lab)
+            out["prompt_len"].append(plen)
+            out["length"].append(len(ids))
+            out["gold"].append(label_index.get(ans, -1))
+            out["truncated"].append(cut)
+        return out
+
+    raw = datasets.Dataset.from_dict({
+        "instruction": [r.instruction for r in rows],
+        "input": [r.input for r in rows],
+        "output": [r.output for r in rows],
+    })
+    ds = raw.map(encode, batched=True, batch_size=1000, remove_columns=raw.column_names,
+                 new_fingerprint=key, desc=f"tokenizing {Path(path).name}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=cache_dir))
+    ds.save_to_disk(str(tmp))
+    try:
+        os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache entry
+    except OSError:  # another rank got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(target))
+
+
+def stratified_split(keys: Sequence[Any], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded, stratified (train, val) index lists; every class keeps about `fraction` of its rows in val."""
+    by_key: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_key.setdefault(k, []).append(i)
+    g = torch.Generator().manual_seed(seed)
+    val: list[int] = []
+    for k in sorted(by_key, key=str):
+        idx = by_key[k]
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        val += [idx[p] for p in perm[: int(round(fraction * len(idx)))]]
+    val_set = set(val)
+    return [i for i in range(len(keys)) if i not in val_set], sorted(val)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------------------------
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of similar-length rows, deterministic for (seed, epoch), sharded over ranks.
+
+    Rows are shuffled, cut into "mega-batches" of `mega` batches, sorted by length inside each, then cut into
+    batches whose order is shuffled again: batches are nearly uniform in length, yet every epoch differs.
+    Resume: `resume_at(epoch, batches_done)` makes the next iteration of that epoch skip what was trained.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 group_by_length: bool = True, rank: int = 0, world_size: int = 1, mega: int = 64) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.lengths = list(lengths)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.group_by_length, self.rank, self.world_size, self.mega = group_by_length, rank, world_size, mega
+        self.epoch = 0
+        self._resume: Optional[tuple[int, int]] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        self._resume = (epoch, batches_done)
+
+    def _global_batches(self) -> list[list[int]]:
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        if self.group_by_length:
+            span = self.batch_size * self.mega
+            order = [i for s in range(0, n, span)
+                     for i in sorted(order[s:s + span], key=lambda j: -self.lengths[j])]
+        batches = [order[s:s + self.batch_size] for s in range(0, n, self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._global_batches()
+        per_rank = len(self)
+        # Every rank must see the same number of batches (DDP): the last few repeat from the start.
+        batches = (batches * 2)[: per_rank * self.world_size] if len(batches) < per_rank * self.world_size else batches
+        mine = batches[self.rank::self.world_size][:per_rank]
+        skip = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
+        yield from mine[skip:]
+
+    def __len__(self) -> int:
+        n_batches = -(-len(self.lengths) // self.batch_size)
+        return -(-n_batches // self.world_size)
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs])
+
+
+def collate_train(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids; labels are -100 on the prompt (already) and on padding (here), nowhere else."""
+    ids = [r["input_ids"] for r in rows]
+    return {
+        "input_ids": _pad(ids, pad_id),
+        "attention_mask": _pad([[1] * len(s) for s in ids], 0),
+        "labels": _pad([r["labels"] for r in rows], -100),
+    }
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int, label_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Left-padded prompts (so every row's last prompt token sits in the last column) + the label sequences."""
+    return {
+        "prompt_ids": _pad(prompts, pad_id, left=True),
+        "prompt_mask": _pad([[1] * len(p) for p in prompts], 0, left=True),
+        "label_ids": _pad(label_ids, pad_id),
+        "label_mask": _pad([[1] * len(s) for s in label_ids], 0),
+    }
+
+
+def collate_eval(rows: list[dict], pad_id: int, label_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    batch = collate_train(rows, pad_id)
+    batch.update(collate_prompts([r["input_ids"][: r["prompt_len"]] for r in rows], pad_id, label_ids))
+    batch["gold"] = torch.tensor([r["gold"] for r in rows])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The DataModule
+# ---------------------------------------------------------------------------------------------------------
+class InstructionDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_path: Optional[str] = "data/sample.jsonl",
+        val_path: Optional[str] = None,
+        val_fraction: float = 0.1,
+        predict_path: Optional[str] = None,
+        predict_output: Optional[str] = None,
+        tokenizer: str = "builtin:tiny-deepseek",
+        trust_remote_code: bool = False,
+        prompt_style: PromptStyle = "auto",
+        think: ThinkPolicy = "auto",
+        system_prompt: Optional[str] = None,
+        instruction: str = DEFAULT_INSTRUCTION,
+        labels: list[str] = list(DEFAULT_LABELS),
+        check_labels: bool = True,
+        text_column: str = "text",
+        label_column: str = "label",
+        max_length: int = 512,
+        batch_size: int = 4,
+        eval_batch_size: int = 16,
+        group_by_length: bool = True,
+        seed: int = 42,
+        num_workers: int = 0,
+        cache_dir: Optional[str] = None,
+        predict_chunk_rows: int = 4096,
+    ) -> None:
+        """
+        Args:
+            train_path: training JSONL/CSV (instruction/input/output rows, or text/label rows).
+            val_path: validation file; when unset, a seeded stratified `val_fraction` of train_path is held out.
+            val_fraction: fraction of train_path held out for validation when val_path is unset (0 = none).
+            predict_path: file to label with `predict` (JSONL, CSV with `text_column`, or plain text lines).
+            predict_output: where `predict` writes its JSONL (default: predictions/<input stem>.labels.jsonl).
+            tokenizer: tokenizer to load (linked to model.model_name_or_path; do not set it twice).
+            trust_remote_code: allow code from the model folder (linked to model.trust_remote_code).
+            prompt_style: auto (chat template when the tokenizer has one), chat, or plain Instruction/Input/Answer.
+            think: <think> policy shared by training and labeling: auto, empty (closed empty block), none.
+            system_prompt: optional system message (DeepSeek-R1 advises none).
+            instruction: instruction used for text/label rows and for prediction input without one.
+            labels: the label set; answers must be one of them when check_labels is on.
+            check_labels: reject training/validation rows whose answer is not in `labels`.
+            text_column: CSV column (or JSON key) holding the text.
+            label_column: CSV column holding the answer.
+            max_length: max tokens per row; longer rows lose the end of their input text (counted).
+            batch_size: training micro-batch size per device.
+            eval_batch_size: validation / prediction batch size per device.
+            group_by_length: batch rows of similar length together (less padding).
+            seed: seed of the validation split and of the batch order.
+            num_workers: DataLoader worker processes.
+            cache_dir: tokenization cache (default $FINLLM_CACHE/tokenized or ~/.cache/finllm_pl/tokenized).
+            predict_chunk_rows: rows read, sorted by length and labeled together when predicting (bounds memory).
+        """
+        super().__init__()
+        for name, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size),
+                            ("data.max_length", max_length), ("data.predict_chunk_rows", predict_chunk_rows)):
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if len(set(labels)) != len(labels) or not labels:
+            raise ConfigError(f"data.labels must be a non-empty list of distinct labels, got {labels}")
+        self.save_hyperparameters()
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.formatter: Optional[PromptFormatter] = None
+        self.train_set = self.val_set = None
+        self._train_sampler: Optional[LengthGroupedBatchSampler] = None
+        self._resume: Optional[dict[str, int]] = None
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def build_formatter(self) -> PromptFormatter:
+        if self.formatter is None:
+            from .model import load_tokenizer
+
+            hp = self.hparams
+            tok = load_tokenizer(hp.tokenizer, trust_remote_code=hp.trust_remote_code)
+            self.formatter = PromptFormatter(tok, hp.prompt_style, hp.think, hp.system_prompt)
+        return self.formatter
+
+    @property
+    def label_ids(self) -> list[list[int]]:
+        return self.build_formatter().encode_labels(self.hparams.labels)
+
+    def _tokenize(self, path: str):
+        hp = self.hparams
+        return tokenize_file(path, self.build_formatter(), hp.max_length, hp.instruction,
+                             hp.labels if hp.check_labels else None, self.cache_dir, hp.text_column, hp.label_column)
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        self.build_formatter()
+        if stage in ("fit", "validate") and self.train_set is None:
+            if stage == "fit" and not hp.train_path:
+                raise DataError("data.train_path is not set; give a training file")
+            full = self._tokenize(hp.train_path) if hp.train_path else None
+            if hp.val_path:
+                self.train_set, self.val_set = full, self._tokenize(hp.val_path)
+            elif full is not None and hp.val_fraction > 0:
+                tr, va = stratified_split(full["gold"] if hp.check_labels else [0] * len(full), hp.val_fraction, hp.seed)
+                self.train_set, self.val_set = full.select(tr), full.select(va)
+            else:
+                self.train_set, self.val_set = full, None
+            if stage == "validate" and self.val_set is None:
+                raise DataError("nothing to validate: set data.val_path (or data.val_fraction > 0 with data.train_path)")
+            for name, ds in (("train", self.train_set), ("val", self.val_set)):
+                if ds is not None:
+                    cut = sum(ds["truncated"])
+                    counts = Counter(ds["gold"])
+                    rank_zero_info(
+                        f"{name}: {len(ds)} rows, {sum(ds['length'])} tokens, labels "
+                        + ", ".join(f"{lab}={counts.get(i, 0)}" for i, lab in enumerate(hp.labels))
+                        + (f"; {cut} rows truncated to data.max_length={hp.max_length}" if cut else "")
+                    )
+
+    # -- loaders ----------------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        rank, world = self._rank_world()
+        self._train_sampler = LengthGroupedBatchSampler(self.train_set["length"], hp.batch_size, seed=hp.seed,
+                                                        group_by_length=hp.group_by_length, rank=rank, world_size=world)
+        if self._resume:
+            self._train_sampler.resume_at(self._resume["epoch"], self._resume["batches_done"])
+        pad = self.formatter.tokenizer.pad_token_id
+        # Own generator: the DataLoader draws its worker seed from it, not from the global RNG that LoRA dropout
+        # uses, so a resumed run's dropout masks match the uninterrupted run's.
+        return DataLoader(self.train_set.with_format(None), batch_sampler=self._train_sampler,
+                          collate_fn=lambda rows: collate_train(rows, pad), num_workers=hp.num_workers,
+                          generator=torch.Generator().manual_seed(hp.seed))
+
+    def val_dataloader(self):
+        if self.val_set is None:
+            return []
+        hp = self.hparams
+        rank, world = self._rank_world()
+        sampler = LengthGroupedBatchSampler(self.val_set["length"], hp.eval_batch_size, shuffle=False,
+                                            group_by_length=hp.group_by_length, rank=rank, world_size=world)
+        pad, label_ids = self.formatter.tokenizer.pad_token_id, self.label_ids
+        return DataLoader(self.val_set.with_format(None), batch_sampler=sampler,
+                          collate_fn=lambda rows: collate_eval(rows, pad, label_ids), num_workers=hp.num_workers)
+
+    def predict_job(self) -> tuple[str, dict[str, Any]]:
+        """(output path, identity of this labeling job): a restart resumes only a job with the same identity."""
+        from .predict import PROGRESS_VERSION, input_fingerprint
+
+        hp = self.hparams
+        if not hp.predict_path:
+            raise DataError("data.predict_path is not set; give the file to label")
+        if not os.path.isfile(hp.predict_path):
+            raise DataError(f"{hp.predict_path}: no such file; check data.predict_path")
+        output = hp.predict_output or os.path.join("predictions", Path(hp.predict_path).stem + ".labels.jsonl")
+        _, world = self._rank_world()
+        expect = {"version": PROGRESS_VERSION, "input": input_fingerprint(hp.predict_path), "labels": list(hp.labels),
+                  "world": world, "chunk_rows": hp.predict_chunk_rows, "prompt": self.build_formatter().fingerprint()}
+        return output, expect
+
+    def predict_dataloader(self) -> DataLoader:
+        from .predict import PredictStream, load_progress
+
+        hp = self.hparams
+        output, expect = self.predict_job()
+        rank, world = self._rank_world()
+        start = load_progress(output, rank, expect)["chunks"]
+        stream = PredictStream(hp.predict_path, self.build_formatter(), self.label_ids, hp.instruction,
+                               hp.text_column, hp.eval_batch_size, hp.predict_chunk_rows, hp.max_length, hp.labels,
+                               rank=rank, world_size=world, start_chunk=start)
+        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    # -- exact mid-epoch resume ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the data: the epoch and how many of its batches were trained on.
+
+        Read from the loop's progress (batches *processed*), not from the DataLoader: Lightning prefetches a
+        batch ahead, so a loader-side counter would skip one batch on resume.
+        """
+        t = self.trainer
+        if t is None or not t.training:
+            return {}
+        done = t.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": t.current_epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state) if state else None

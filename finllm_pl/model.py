@@ -1,0 +1,251 @@
+"""Hugging Face / PEFT plumbing with no Lightning in it: load, quantize, add LoRA, export, merge.
+
+Kept apart from the LightningModule so each piece can be used (and tested) on its own: a user who only wants the
+adapter of a finished run loads it with plain transformers + peft, which is exactly what `load_for_inference` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+
+from .errors import ModelError
+
+Quantization = Literal["nf4", "fp4", "none"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+PROMPT_FILE = "prompt_format.json"
+CONFIG_FILE = "finllm_config.yaml"
+
+
+def resolve_model_path(name: str) -> str:
+    """`builtin:<name>` -> a model the project builds offline; an existing folder -> itself; else a hub id.
+
+    A value that looks like a path (starts with '.', '/', '~' or names a models/ subfolder) but does not exist is
+    an error here, rather than a confusing "repository not found" from the hub client later.
+    """
+    if name.startswith("builtin:"):
+        from .assets import ensure_builtin
+
+        try:
+            return str(ensure_builtin(name.split(":", 1)[1]))
+        except ValueError as e:
+            raise ModelError(f"model.model_name_or_path={name!r}: {e}") from None
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        if not os.path.exists(os.path.join(expanded, "config.json")) and not os.path.exists(
+            os.path.join(expanded, "adapter_config.json")
+        ):
+            raise ModelError(f"model.model_name_or_path={name!r}: folder has no config.json; is it a model folder?")
+        return expanded
+    if name.startswith((".", "/", "~")) or os.sep in name and not _looks_like_hub_id(name):
+        raise ModelError(
+            f"model.model_name_or_path={name!r}: no such folder; check the path, or give a hub id like "
+            "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (needs network), or builtin:tiny-deepseek"
+        )
+    return name
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not os.path.exists(parts[0])
+
+
+def torch_dtype(name: DType, device: Optional[torch.device] = None) -> torch.dtype:
+    """Compute dtype: 'auto' is bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU (bf16 is ~20x slower there)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device is not None and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:  # e.g. Llama: padding is masked out of the loss anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(
+    name: str,
+    quantization: Quantization = "nf4",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: Optional[torch.device] = None,
+    attn_implementation: Optional[str] = "sdpa",
+    trust_remote_code: bool = False,
+):
+    """The base model, 4-bit (NF4/FP4, double quant) or plain, placed whole on `device`.
+
+    4-bit models refuse `.to()`, so placement happens here through `device_map={"": index}`: one full copy per
+    process, which is what DDP needs (`device_map="auto"` would split it over GPUs and break DDP).
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = resolve_model_path(name)
+    device = device or torch.device("cpu")
+    kwargs: dict[str, Any] = {"dtype": compute_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization != "none":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    if quantization == "none":
+        model.to(device)
+    elif device.type == "cpu":
+        # bitsandbytes 0.50 repacks 4-bit weights for AVX512-BF16 CPUs on the first eval forward, one way only;
+        # training after a validation pass then fails ("view of a leaf Variable ... in-place"). Keep one layout.
+        for mod in model.modules():
+            if hasattr(mod, "support_avx512bf16_for_cpu"):
+                mod.support_avx512bf16_for_cpu = False
+    return model
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the linear layers LoRA can target (q_proj, ...), excluding the output head."""
+    import bitsandbytes as bnb  # noqa: F401  (registers Linear4bit)
+
+    names = set()
+    for full, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(full.split(".")[-1])
+    head = model.get_output_embeddings()
+    return sorted(n for n in names if not (head is not None and n in ("lm_head",)))
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequence[str],
+             gradient_checkpointing: bool = False):
+    """Wrap `model` with a fresh LoRA adapter; only the adapter is trainable."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    available = linear_module_names(model)
+    missing = [m for m in target_modules if m not in available]
+    if missing:
+        raise ModelError(
+            f"model.lora_target_modules: {missing} not in this model; its linear layers are: {', '.join(available)}"
+        )
+    if r < 1:
+        raise ModelError(f"model.lora_r must be >= 1, got {r}")
+    if getattr(model, "is_loaded_in_4bit", False):
+        # Casts norms to fp32 and, if asked, turns on gradient checkpointing, as the peft QLoRA recipe does.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_adapter(model, adapter_dir: str, trainable: bool = False):
+    """Attach a saved PEFT adapter folder to a base model."""
+    from peft import PeftModel
+
+    if not os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
+        raise ModelError(f"{adapter_dir}: not an adapter folder (no adapter_config.json); give the folder fit exported")
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ModelError(
+            f"{adapter_dir}: adapter does not fit this base model ({str(e).splitlines()[0][:200]}); "
+            "use the base model it was trained on"
+        ) from None
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module, bool]:
+    """(decoder, lm_head, exact): run the decoder alone, then the head only on the positions that need logits.
+
+    Full logits are vocab x tokens floats (151,936 x 4,096 x 4 B = 2.5 GB for one DeepSeek step); a sentiment
+    answer needs logits at ~3 positions per row. `exact` is False for models that post-process logits (soft-
+    capping, logit scaling), where callers must use the full forward instead.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    exact = not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0))
+    return base.get_decoder(), base.get_output_embeddings(), exact
+
+
+def _atomic_dir(target: Path):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Optional[str] = None) -> Path:
+    """PEFT adapter folder (adapter_config.json + adapter_model.safetensors), tokenizer, prompt format, config.
+
+    Loadable with `PeftModel.from_pretrained(base, out_dir)`; written to a temp folder and renamed.
+    """
+    target = Path(out_dir)
+    tmp = _atomic_dir(target)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / PROMPT_FILE).write_text(json.dumps(prompt, indent=2, ensure_ascii=False))
+    if config_yaml:
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+    _replace_dir(tmp, target)
+    return target
+
+
+def export_merged(base_name: str, adapter_dir: str, out_dir: str, dtype: torch.dtype = torch.bfloat16,
+                  trust_remote_code: bool = False) -> Path:
+    """A plain transformers model folder with the LoRA folded into unquantized weights (no peft needed to load).
+
+    The base is loaded unquantized in `dtype`: folding LoRA into NF4 weights would re-quantize and lose the
+    update's precision.
+    """
+    base = load_base_model(base_name, quantization="none", compute_dtype=dtype, trust_remote_code=trust_remote_code)
+    merged = load_adapter(base, adapter_dir).merge_and_unload()
+    tok = load_tokenizer(adapter_dir if os.path.exists(os.path.join(adapter_dir, "tokenizer_config.json")) else base_name,
+                         trust_remote_code)
+    target = Path(out_dir)
+    tmp = _atomic_dir(target)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    for extra in (PROMPT_FILE, CONFIG_FILE):
+        src = Path(adapter_dir) / extra
+        if src.exists():
+            shutil.copy(src, tmp / extra)
+    _replace_dir(tmp, target)
+    return target
+
+
+def read_prompt_format(folder: str) -> Optional[dict]:
+    path = Path(folder) / PROMPT_FILE
+    return json.loads(path.read_text()) if path.exists() else None

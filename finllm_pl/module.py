@@ -1,0 +1,314 @@
+"""FinLLM: the LightningModule. A 4-bit (or plain) base + LoRA, trained with manual optimization.
+
+Why manual optimization: the loss is normalised by the number of supervised tokens of the *whole* accumulation
+window (not averaged per micro-batch, which would over-weight short batches), non-finite gradients skip a step
+instead of corrupting the adapter, and every count (warmup, decay, checkpoint interval) is in real optimizer steps.
+
+How: each micro-batch backpropagates its *summed* token loss; at the window's end the gradients are divided by
+the window's token count (summed over ranks), clipped, and the optimizer steps. Windows end at
+`(batch_idx + 1) % accumulate == 0` or at the epoch's last batch.
+
+Checkpoints hold only the trainable (LoRA) tensors, optimizer, scheduler, loop and data position, RNG state and,
+when saved mid-window, the gradients accumulated so far: a resumed run continues bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.optim.lr_scheduler import LambdaLR
+
+from . import model as hf
+from .errors import ConfigError, FinLLMError, ModelError
+from .metrics import label_metrics, summarize
+from .prompts import DEFAULT_LABELS
+from .schedule import WarmupOverflow, resolve_schedule
+from .scoring import loss_sum, score_labels
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class NonFiniteError(FinLLMError):
+    """Too many non-finite steps in a row."""
+
+
+class FinLLM(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+        quantization: hf.Quantization = "nf4",
+        compute_dtype: hf.DType = "auto",
+        attn_implementation: Optional[str] = "sdpa",
+        trust_remote_code: bool = False,
+        adapter_path: Optional[str] = None,
+        lora_r: int = 4,
+        lora_alpha: int = 8,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] = list(DEFAULT_TARGETS),
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        warmup_overflow: WarmupOverflow = "clamp",
+        lr_decay: Literal["linear", "cosine", "constant"] = "linear",
+        min_lr_ratio: float = 0.0,
+        accumulate_grad_batches: int = 8,
+        gradient_clip_val: float = 1.0,
+        gradient_checkpointing: bool = False,
+        max_nonfinite_steps: int = 5,
+        labels: list[str] = list(DEFAULT_LABELS),
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: hub id, local model folder, or builtin:tiny-deepseek (built offline).
+            quantization: nf4 / fp4 (4-bit bitsandbytes, double quant) or none (plain weights in compute_dtype).
+            compute_dtype: auto (bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU), bfloat16, float16, float32.
+            attn_implementation: sdpa, eager, flash_attention_2, or null for the model's default.
+            trust_remote_code: run code shipped in the model folder (off: only built-in architectures load).
+            adapter_path: a saved adapter folder to start from (fit) or to label with (validate/predict).
+            lora_r: LoRA rank.
+            lora_alpha: LoRA scaling numerator (scale = alpha / r).
+            lora_dropout: dropout on the LoRA input.
+            lora_target_modules: linear layers that get LoRA (short names, e.g. q_proj).
+            learning_rate: peak AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear warmup length in optimizer steps.
+            warmup_overflow: policy when warmup_steps >= the run: clamp (to 10% of the run), keep, error.
+            lr_decay: decay after warmup: linear or cosine to min_lr_ratio, or constant.
+            min_lr_ratio: final LR as a fraction of the peak.
+            accumulate_grad_batches: micro-batches per optimizer step.
+            gradient_clip_val: max global grad norm (0 = no clipping).
+            gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+            max_nonfinite_steps: stop the run after this many non-finite steps in a row (each one is skipped).
+            labels: the label set scored by validation and predict (linked to data.labels).
+        """
+        super().__init__()
+        if accumulate_grad_batches < 1:
+            raise ConfigError(f"model.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if learning_rate <= 0:
+            raise ConfigError(f"model.learning_rate must be > 0, got {learning_rate}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks its keys
+        self.model = None
+        self.tokenizer = None
+        self._window = {"loss": 0.0, "tokens": 0, "micro": 0, "t0": None, "all_tokens": 0}
+        self._nonfinite_in_row = 0
+        self._pending: dict[str, Any] = {}
+        self.schedule = None
+
+    # -- model -------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        dtype = hf.torch_dtype(hp.compute_dtype, device)
+        self.tokenizer = hf.load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
+        base = hf.load_base_model(hp.model_name_or_path, hp.quantization, dtype, device, hp.attn_implementation,
+                                  hp.trust_remote_code)
+        base.config.use_cache = False
+        if hp.adapter_path:
+            model = hf.load_adapter(base, hp.adapter_path, trainable=True)
+            if hp.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model = hf.add_lora(base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
+                                hp.gradient_checkpointing)
+        model.train()  # from_pretrained returns eval mode: LoRA dropout would silently be off in training
+        self.model = model
+        self.metrics = label_metrics(len(hp.labels)).to(device)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rank_zero_info(f"model {hp.model_name_or_path}: {n_train:,} trainable parameters, "
+                       f"quantization={hp.quantization}, compute dtype={dtype}")
+
+    def trainable_keys(self) -> set[str]:
+        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+
+    # -- optimization --------------------------------------------------------------------------------------
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps in this run: ceil(batches per epoch / accumulation) per epoch, capped by max_steps."""
+        t = self.trainer
+        _ = t.estimated_stepping_batches  # makes the fit loop set up its data, so num_training_batches is known
+        per_epoch = math.ceil(t.num_training_batches / self.hparams.accumulate_grad_batches)
+        total = per_epoch * t.max_epochs if t.max_epochs and t.max_epochs > 0 else None
+        if t.max_steps and t.max_steps > 0:
+            total = min(total, t.max_steps) if total else t.max_steps
+        if not total:
+            raise ConfigError("set trainer.max_epochs or trainer.max_steps: the LR schedule needs the run's length")
+        return total
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        try:
+            self.schedule = resolve_schedule(self.total_optimizer_steps(), hp.warmup_steps, hp.learning_rate,
+                                             hp.warmup_overflow, min_lr_ratio=hp.min_lr_ratio, decay=hp.lr_decay)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        rank_zero_info(f"schedule: {self.schedule.total_steps} optimizer steps, warmup {self.schedule.warmup_steps}, "
+                       f"{hp.lr_decay} decay, peak lr {hp.learning_rate:g}")
+        sched = LambdaLR(opt, self.schedule.factor)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        w = self._window
+        if w["t0"] is None:
+            w["t0"] = time.perf_counter()
+        boundary = (batch_idx + 1) % self.hparams.accumulate_grad_batches == 0 or self.trainer.is_last_batch
+        with opt.toggle_model(sync_grad=boundary):  # no DDP all-reduce until the window's last backward
+            loss, n = loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            self.manual_backward(loss)
+        w["loss"] += float(loss.detach())
+        w["tokens"] += int(n)
+        w["all_tokens"] += int(batch["attention_mask"].sum())
+        w["micro"] += 1
+        if boundary:
+            self._optimizer_step(opt, sched)
+
+    def _optimizer_step(self, opt, sched) -> None:
+        w = self._window
+        totals = torch.tensor([w["loss"], w["tokens"], w["all_tokens"]], dtype=torch.float64, device=self.device)
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")  # window totals over all ranks
+        loss_total, tokens, all_tokens = totals.tolist()
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        # DDP averaged the summed-loss gradients over ranks; scale so they are d(mean token loss) of the window.
+        scale = self.trainer.world_size / max(tokens, 1.0)
+        for p in params:
+            p.grad.mul_(scale)
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            grad_norm = grad_norm / scaler.get_scale()
+        finite = bool(torch.isfinite(grad_norm)) and math.isfinite(loss_total)
+        if not finite and scaler is None:
+            self._nonfinite_in_row += 1
+            self.log("train/nonfinite_steps", float(self._nonfinite_in_row))
+            rank_zero_warn(f"step {self.global_step}: non-finite loss or gradient; optimizer step skipped "
+                           f"({self._nonfinite_in_row} in a row)")
+            opt.zero_grad(set_to_none=True)
+            self._reset_window()
+            if self._nonfinite_in_row >= self.hparams.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{self._nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradient; stopping. "
+                    "The last checkpoint is from before the fault: lower model.learning_rate or check the data, "
+                    "then resume with --ckpt_path last"
+                )
+            return
+        self._nonfinite_in_row = 0
+        if self.hparams.gradient_clip_val > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        elapsed = max(time.perf_counter() - w["t0"], 1e-9)
+        self.log_dict({
+            "train/loss": loss_total / max(tokens, 1.0),
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm),
+            "train/tokens_per_s": all_tokens / elapsed,
+            "train/supervised_tokens": tokens,
+        }, prog_bar=False, rank_zero_only=True)
+        self.log("loss", loss_total / max(tokens, 1.0), prog_bar=True, logger=False, rank_zero_only=True)
+        self.log("tok/s", all_tokens / elapsed, prog_bar=True, logger=False, rank_zero_only=True)
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._window = {"loss": 0.0, "tokens": 0, "micro": 0, "t0": None, "all_tokens": 0}
+
+    # -- validation: loss + label scoring ------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.metrics.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, n = loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self._val += torch.stack([loss.detach().double(), n.double()])
+        scores = score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
+                              batch["label_mask"])
+        keep = batch["gold"] >= 0
+        if keep.any():
+            self.metrics.update(scores.argmax(-1)[keep], batch["gold"][keep])
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val, reduce_op="sum")
+        val_loss = float(total[0] / total[1].clamp(min=1))
+        values = self.metrics.compute()
+        self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True)
+        for k in ("accuracy", "f1_macro", "f1_weighted"):
+            self.log(f"val/{k}", float(values[k]), prog_bar=k == "f1_weighted", rank_zero_only=True)
+        self.last_report = summarize(values, self.hparams.labels, {"val_loss": val_loss})
+
+    # -- prediction: label scoring ---------------------------------------------------------------------------
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        scores = score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
+                              batch["label_mask"])
+        return {"rows": batch["rows"], "scores": scores.float().cpu()}
+
+    # -- checkpoints: adapter only ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keys = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        hp = self.hparams
+        meta = {
+            "base_model": hp.model_name_or_path,
+            "lora": {"r": hp.lora_r, "alpha": hp.lora_alpha, "target_modules": list(hp.lora_target_modules)},
+            "world_size": self.trainer.world_size,
+            "rng": {"cpu": torch.get_rng_state()},
+        }
+        if torch.cuda.is_available():
+            meta["rng"]["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        w = self._window
+        if w["micro"]:  # saved mid accumulation window: keep what it accumulated so far
+            meta["window"] = {k: v for k, v in w.items() if k != "t0"}
+            meta["window"]["grads"] = {n: p.grad.detach().cpu().clone() for n, p in self.model.named_parameters()
+                                       if p.requires_grad and p.grad is not None}
+        checkpoint["finllm"] = meta
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        meta = checkpoint.get("finllm")
+        if meta is None:
+            raise ModelError(f"{path}: not a finllm_pl checkpoint (no adapter metadata); give a .ckpt that fit wrote")
+        have, want = set(checkpoint["state_dict"]), self.trainable_keys()
+        shapes_ok = have == want and all(
+            checkpoint["state_dict"][k].shape == p.shape
+            for k, p in ((f"model.{n}", p) for n, p in self.model.named_parameters() if p.requires_grad))
+        if not shapes_ok:
+            hp = self.hparams
+            raise ModelError(
+                f"{path}: checkpoint is an adapter for {meta['base_model']} with LoRA r={meta['lora']['r']} on "
+                f"{meta['lora']['target_modules']}, but this run is {hp.model_name_or_path} with r={hp.lora_r} on "
+                f"{list(hp.lora_target_modules)}; use the matching config"
+            )
+        if self._trainer is not None and self.trainer.training and meta.get("world_size", 1) != self.trainer.world_size:
+            raise ModelError(
+                f"{path}: saved by a run on {meta['world_size']} process(es), resumed on {self.trainer.world_size}: "
+                "the data order would change. Resume on the same number of devices, or start a new run from the "
+                "adapter with --model.adapter_path"
+            )
+        self._pending = meta
+
+    def on_train_start(self) -> None:
+        meta, self._pending = self._pending, {}
+        if not meta:
+            return
+        rng = meta.get("rng", {})
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if "window" in meta:
+            win = dict(meta["window"])
+            grads = win.pop("grads")
+            for n, p in self.model.named_parameters():
+                if n in grads:
+                    p.grad = grads[n].to(p.device, p.dtype)
+            self._window = {**win, "t0": None}

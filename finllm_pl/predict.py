@@ -1,0 +1,200 @@
+"""Batch labeling: a streamed, crash-safe reader and writer around `FinLLM.predict_step`.
+
+Reading: the input is read `chunk_rows` rows at a time (bounded memory for any file size); within a chunk rows
+are sorted by length so batches carry little padding. Under DDP, chunk c goes to rank c % world_size: no row is
+labeled twice and no sampler padding adds duplicates.
+
+Writing: each rank appends finished chunks, in input order, to its part file and records its progress
+(`<output>.part<rank>.json`: chunks and bytes done) after an fsync. A run killed at any point and restarted with
+the same command truncates the part file to the recorded size and continues from the next chunk. At the end the
+part(s) become the output by a rename (or a merge, then a rename, on several ranks): the output file appears
+complete or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import IterableDataset
+
+from .data import collate_prompts
+from .prompts import PromptFormatter
+from .records import DataError, iter_rows
+
+PROGRESS_VERSION = 1
+
+
+def input_fingerprint(path: str) -> str:
+    """Size + hash of the first and last MiB: cheap on huge files, and any edit of the input is caught."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:20]
+
+
+def part_path(output: str, rank: int) -> Path:
+    return Path(f"{output}.part{rank}")
+
+
+def load_progress(output: str, rank: int, expect: dict[str, Any]) -> dict[str, Any]:
+    """The recorded progress of this rank if it belongs to the same job (input, labels, ranks), else a fresh start."""
+    prog = Path(f"{part_path(output, rank)}.json")
+    part = part_path(output, rank)
+    if prog.exists() and part.exists():
+        state = json.loads(prog.read_text())
+        if all(state.get(k) == v for k, v in expect.items()) and part.stat().st_size >= state["bytes"]:
+            return state
+    return {**expect, "chunks": 0, "bytes": 0, "rows": 0}
+
+
+def _write_progress(output: str, rank: int, state: dict[str, Any]) -> None:
+    prog = Path(f"{part_path(output, rank)}.json")
+    tmp = prog.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, prog)
+
+
+class PredictStream(IterableDataset):
+    """Yields collated prompt batches with their rows' (index, id, gold) for this rank, chunk by chunk."""
+
+    def __init__(self, path: str, formatter: PromptFormatter, label_ids: list[list[int]], instruction: str,
+                 text_column: str, batch_size: int, chunk_rows: int, max_length: int, labels: Sequence[str],
+                 rank: int = 0, world_size: int = 1, start_chunk: int = 0) -> None:
+        self.path, self.formatter, self.label_ids = path, formatter, label_ids
+        self.instruction, self.text_column, self.labels = instruction, text_column, list(labels)
+        self.batch_size, self.chunk_rows, self.max_length = batch_size, chunk_rows, max_length
+        self.rank, self.world_size, self.start_chunk = rank, world_size, start_chunk
+        self.longest_label = max(labels, key=lambda s: len(formatter.encode_answer(s)))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rows = iter_rows(self.path, instruction=self.instruction, need_output=False, text_column=self.text_column)
+        pad = self.formatter.tokenizer.pad_token_id
+        c = -1
+        while True:
+            chunk = list(islice(rows, self.chunk_rows))
+            if not chunk:
+                return
+            c += 1
+            if c % self.world_size != self.rank or c // self.world_size < self.start_chunk:
+                continue
+            # Fit prompt + the longest label into max_length by cutting the input text, as training does.
+            prompts = [self.formatter.encode_example(r.instruction, r.input, self.longest_label, self.max_length)
+                       for r in chunk]
+            prompts = [ids[:plen] for ids, _, plen, _ in prompts]
+            order = sorted(range(len(chunk)), key=lambda i: -len(prompts[i]))
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s:s + self.batch_size]
+                batch = collate_prompts([prompts[i] for i in idx], pad, self.label_ids)
+                batch["rows"] = [(chunk[i].index, chunk[i].id, chunk[i].output) for i in idx]
+                batch["chunk"] = (c, len(chunk))
+                yield batch
+
+
+def parse_generated(text: str, labels: Sequence[str]) -> Optional[str]:
+    """The label a free-text answer names, or None. Reasoning (`<think>...</think>`) is dropped first; an
+    answer naming no label, or several, is unparsed (never silently mapped to 'neutral')."""
+    text = re.sub(r"<think>.*?(</think>|$)", " ", text, flags=re.S).strip().lower()
+    found = [lab for lab in labels if re.search(rf"\b{re.escape(lab.lower())}\b", text)]
+    return found[0] if len(found) == 1 else None
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes one JSON line per input row, in input order: id, label, probabilities, gold (when known)."""
+
+    def __init__(self, output: str, labels: Sequence[str], expect: dict[str, Any]) -> None:
+        super().__init__(write_interval="batch")
+        self.output, self.labels, self.expect = output, list(labels), expect
+        self.pending: dict[int, dict[str, Any]] = {}  # chunk -> {"size", "rows": {index: line}}
+        self.unparsed = 0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        out_dir = os.path.dirname(os.path.abspath(self.output))
+        if not os.path.isdir(out_dir):
+            raise DataError(f"{self.output}: folder {out_dir} does not exist; create it or set data.predict_output")
+        if not os.access(out_dir, os.W_OK):
+            raise DataError(f"{self.output}: folder {out_dir} is not writable; set data.predict_output elsewhere")
+        self.rank, self.world = trainer.global_rank, trainer.world_size
+        self.state = load_progress(self.output, self.rank, self.expect)
+        part = part_path(self.output, self.rank)
+        self.file = open(part, "r+b" if part.exists() else "wb")
+        self.file.truncate(self.state["bytes"])  # drop whatever a killed run wrote after its last record
+        self.file.seek(self.state["bytes"])
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        c, size = batch["chunk"]
+        slot = self.pending.setdefault(c, {"size": size, "rows": {}})
+        probs = torch.softmax(prediction["scores"], -1) if "scores" in prediction else None
+        for j, (index, rid, gold) in enumerate(prediction["rows"]):
+            rec: dict[str, Any] = {"id": rid}
+            if probs is not None:
+                rec["label"] = self.labels[int(probs[j].argmax())]
+                rec["probs"] = {lab: round(float(p), 6) for lab, p in zip(self.labels, probs[j])}
+            else:
+                rec["label"] = parse_generated(prediction["texts"][j], self.labels)
+                rec["generated"] = prediction["texts"][j]
+                self.unparsed += rec["label"] is None
+            if gold is not None:
+                rec["gold"] = gold
+            slot["rows"][index] = json.dumps(rec, ensure_ascii=False) + "\n"
+        if len(slot["rows"]) == slot["size"]:
+            self._flush(c)
+
+    def _flush(self, c: int) -> None:
+        rows = self.pending.pop(c)["rows"]
+        data = "".join(rows[i] for i in sorted(rows)).encode("utf-8")
+        self.file.write(data)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.state.update(chunks=self.state["chunks"] + 1, bytes=self.state["bytes"] + len(data),
+                          rows=self.state["rows"] + len(rows))
+        _write_progress(self.output, self.rank, self.state)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self.file.close()
+        if self.pending:
+            raise RuntimeError(f"prediction ended with unfinished chunks {sorted(self.pending)}")
+        trainer.strategy.barrier()
+        if self.rank == 0:
+            finish_output(self.output, self.world, self.expect["chunk_rows"])
+        trainer.strategy.barrier()
+
+
+def finish_output(output: str, world: int, chunk_rows: int) -> None:
+    """Turn the rank part files into the output: chunk c sits in part c % world; rename when world is 1."""
+    parts = [part_path(output, r) for r in range(world)]
+    tmp = Path(f"{output}.merging")
+    if world == 1:
+        os.replace(parts[0], output)
+    else:
+        files = [open(p, "rb") for p in parts]
+        with open(tmp, "wb") as out:
+            r = 0
+            while True:
+                lines = list(islice(files[r], chunk_rows))
+                if not lines:
+                    break
+                out.writelines(lines)
+                r = (r + 1) % world
+            out.flush()
+            os.fsync(out.fileno())
+        for f in files:
+            f.close()
+        os.replace(tmp, output)
+        for p in parts:
+            p.unlink()
+    for r in range(world):
+        Path(f"{part_path(output, r)}.json").unlink(missing_ok=True)

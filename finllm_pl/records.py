@@ -1,0 +1,191 @@
+"""Reading rows from user files, with checks whose errors name the file and line.
+
+Every bad row raises `DataError("path:line: what is wrong; what to do")`: the CLI prints that one line and exits
+non-zero, so a user with a 13,000-row file finds the broken row at once instead of reading a traceback.
+
+Formats (by extension): `.jsonl`/`.json` (one JSON object per line), `.csv` (a header row), anything else
+plain text, one row per line (prediction input only). Rows are streamed, so a file of millions of rows is read
+in bounded memory.
+
+Row schemas:
+  - instruction rows: {"instruction": str, "input": str (optional), "output": str}  (the seed's format)
+  - text rows:        {"text": str, "label": str (optional)}; the configured instruction is used
+  - CSV:              a text column (and optionally a label column); plain text: the whole line is the text
+An optional "id" (string or integer) is carried to the output; it must be unique.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+from .errors import DataError
+
+MAX_LINE_BYTES = 1 << 20  # a 1 MiB "sentence" is a broken file, not a sentence
+
+
+@dataclass
+class Row:
+    index: int  # 0-based position among the file's data rows (output order)
+    line: int  # 1-based line (or CSV record) number, for error messages
+    id: str
+    instruction: str
+    input: str
+    output: Optional[str]  # the answer / gold label; None when the file has none
+
+
+def file_format(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}.get(ext, "text")
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) pairs; a UTF-8 BOM is dropped, non-UTF-8 bytes are an error."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file; check the path in the config or command line")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a data file; point to a .jsonl, .csv or .txt file")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(
+                    f"{path}:{n}: line is {len(raw) / 2**20:.1f} MiB, over the {MAX_LINE_BYTES >> 20} MiB limit per "
+                    "row; the file is probably not one row per line (split or fix it)"
+                )
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "re-save the file as UTF-8"
+                ) from None
+
+
+def _str_field(path: str, n: int, obj: dict, key: str, required: bool, allow_empty: bool = True) -> Optional[str]:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise DataError(f'{path}:{n}: missing field "{key}"; every row needs it (see data/README.md)')
+        return None
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(f'{path}:{n}: field "{key}" must be a string, got {type(value).__name__} {json.dumps(value)[:40]}')
+    if not allow_empty and not value.strip():
+        raise DataError(f'{path}:{n}: field "{key}" is empty; give it text or remove the row')
+    return value
+
+
+def _json_rows(path: str, instruction: str, need_output: bool) -> Iterator[tuple[int, dict]]:
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
+        if "instruction" in obj or "output" in obj:
+            row = {
+                "instruction": _str_field(path, n, obj, "instruction", True, allow_empty=False),
+                "input": _str_field(path, n, obj, "input", False) or "",
+                "output": _str_field(path, n, obj, "output", need_output, allow_empty=False),
+            }
+        elif "text" in obj:
+            row = {
+                "instruction": instruction,
+                "input": _str_field(path, n, obj, "text", True, allow_empty=False),
+                "output": _str_field(path, n, obj, "label", need_output, allow_empty=False),
+            }
+        else:
+            raise DataError(
+                f'{path}:{n}: row has neither "instruction"/"output" nor "text" fields (keys: {", ".join(obj) or "none"}); '
+                "see data/README.md for the schema"
+            )
+        if "id" in obj:
+            if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
+                raise DataError(f'{path}:{n}: field "id" must be a string or an integer')
+            row["id"] = str(obj["id"])
+        yield n, row
+
+
+def _csv_rows(path: str, instruction: str, text_column: str, label_column: str, need_output: bool):
+    for _ in _lines(path):  # the same UTF-8 / line-length checks, before csv sees the text
+        pass
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if text_column not in columns:
+            raise DataError(
+                f"{path}:1: no column '{text_column}' (columns: {', '.join(columns) or 'none'}); "
+                "set data.text_column to the column that holds the text"
+            )
+        if need_output and label_column not in columns:
+            raise DataError(f"{path}:1: no column '{label_column}' for the answers; set data.label_column")
+        for rec in reader:
+            n = reader.line_num
+            text = rec.get(text_column)
+            if text is None or not text.strip():
+                raise DataError(f"{path}:{n}: column '{text_column}' is empty; give it text or remove the row")
+            label = rec.get(label_column) or None
+            if need_output and label is None:
+                raise DataError(f"{path}:{n}: column '{label_column}' is empty")
+            row = {"instruction": instruction, "input": text, "output": label}
+            if rec.get("id"):
+                row["id"] = rec["id"]
+            yield n, row
+
+
+def iter_rows(
+    path: str,
+    instruction: str,
+    need_output: bool = True,
+    labels: Optional[Sequence[str]] = None,
+    text_column: str = "text",
+    label_column: str = "label",
+) -> Iterator[Row]:
+    """Stream checked rows from `path`. `labels`: when given, every answer must be one of them."""
+    fmt = file_format(path)
+    if fmt == "jsonl":
+        source = _json_rows(path, instruction, need_output)
+    elif fmt == "csv":
+        source = _csv_rows(path, instruction, text_column, label_column, need_output)
+    elif need_output:
+        raise DataError(f"{path}: plain-text files have no answers; training and validation need .jsonl or .csv")
+    else:
+        source = ((n, {"instruction": instruction, "input": line.rstrip("\r\n"), "output": None})
+                  for n, line in _lines(path) if line.strip())
+    seen: set[str] = set()
+    index = -1
+    for index, (n, r) in enumerate(source):
+        out = r["output"].strip() if r["output"] is not None else None
+        if labels is not None and out is not None and out not in labels:
+            raise DataError(
+                f"{path}:{n}: answer {out!r} is not one of {'/'.join(labels)}; fix the row or set data.labels"
+            )
+        rid = r.get("id", str(index))
+        if "id" in r:
+            if rid in seen:
+                raise DataError(f"{path}:{n}: duplicate id {rid!r}; ids must be unique (or drop the id field)")
+            seen.add(rid)
+        yield Row(index, n, rid, r["instruction"], r["input"], out)
+    if index < 0:
+        raise DataError(f"{path}: no rows (the file is empty); give it at least one row")
+
+
+def read_rows(path: str, **kwargs) -> list[Row]:
+    return list(iter_rows(path, **kwargs))
+
+
+def count_rows(path: str) -> int:
+    """Cheap row count for progress bars (non-empty lines; CSV rows with embedded newlines overcount)."""
+    with open(path, "rb") as f:
+        n = sum(1 for line in f if line.strip())
+    return n - 1 if file_format(path) == "csv" else n
+
+
+__all__ = ["DataError", "Row", "iter_rows", "read_rows", "count_rows", "file_format"]
