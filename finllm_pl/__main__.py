@@ -49,7 +49,7 @@ class FinLLMCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.dirpath": "checkpoints/run",
-            "checkpoint.filename": "step{step:06d}",
+            "checkpoint.filename": "{step:06d}",
             "checkpoint.every_n_train_steps": 1000,
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": -1,
@@ -70,14 +70,15 @@ class FinLLMCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.config.subcommand]
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
         if cfg.trainer.get("precision") is None:
             accel = str(cfg.trainer.get("accelerator") or "auto")
             gpu = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
             cfg.trainer.precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if gpu else "32-true"
-        if self.config.subcommand in ("fit", "validate") and cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+        if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
             raise ConfigError("trainer.accumulate_grad_batches: use model.accumulate_grad_batches (manual optimization)")
-        if self.config.subcommand == "fit" and cfg.trainer.get("gradient_clip_val"):
+        if cfg.trainer.get("gradient_clip_val"):
             raise ConfigError("trainer.gradient_clip_val: use model.gradient_clip_val (manual optimization)")
 
     def instantiate_trainer(self, **kwargs):
@@ -119,12 +120,14 @@ class FinLLMCLI(LightningCLI):
         print(f"labels written to {self._predict_output}", file=sys.stderr)
 
 
-def cli_main(args: Optional[list[str]] = None) -> FinLLMCLI:
+def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:
+    """Run the CLI (tests call this in-process). `run=False` parses and builds the objects without running."""
     try:
         return FinLLMCLI(
             FinLLM,
             InstructionDataModule,
             args=args,
+            run=run,
             auto_configure_optimizers=False,
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},

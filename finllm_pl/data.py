@@ -115,12 +115,32 @@ def stratified_split(keys: Sequence[Any], fraction: float, seed: int) -> tuple[l
 # ---------------------------------------------------------------------------------------------------------
 # Batching
 # ---------------------------------------------------------------------------------------------------------
+class SeededOrder(Sampler[int]):
+    """The epoch's row order: a permutation seeded by (seed, epoch). Lightning calls `set_epoch` on it each epoch
+    (it looks for `batch_sampler.sampler.set_epoch`), so every epoch is shuffled differently, reproducibly."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=self.generator()).tolist() if self.shuffle else range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Shuffled batches of similar-length rows, deterministic for (seed, epoch), sharded over ranks.
 
-    Rows are shuffled, cut into "mega-batches" of `mega` batches, sorted by length inside each, then cut into
+    The epoch's order is cut into "mega-batches" of `mega` batches, sorted by length inside each, then cut into
     batches whose order is shuffled again: batches are nearly uniform in length, yet every epoch differs.
-    Resume: `resume_at(epoch, batches_done)` makes the next iteration of that epoch skip what was trained.
+    Resume: `resume_at(epoch, batches_done)` makes that epoch's iteration skip the batches already trained on.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -128,27 +148,24 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
         self.lengths = list(lengths)
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.group_by_length, self.rank, self.world_size, self.mega = group_by_length, rank, world_size, mega
-        self.epoch = 0
+        self.sampler = SeededOrder(len(self.lengths), seed, shuffle)
+        self.batch_size, self.shuffle, self.group_by_length = batch_size, shuffle, group_by_length
+        self.rank, self.world_size, self.mega = rank, world_size, mega
         self._resume: Optional[tuple[int, int]] = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
         self._resume = (epoch, batches_done)
 
     def _global_batches(self) -> list[list[int]]:
-        n = len(self.lengths)
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        order = list(self.sampler)
         if self.group_by_length:
             span = self.batch_size * self.mega
-            order = [i for s in range(0, n, span)
+            order = [i for s in range(0, len(order), span)
                      for i in sorted(order[s:s + span], key=lambda j: -self.lengths[j])]
-        batches = [order[s:s + self.batch_size] for s in range(0, n, self.batch_size)]
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         if self.shuffle:
+            g = self.sampler.generator()
+            g.manual_seed(g.initial_seed() + 1)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches
 
@@ -156,9 +173,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         batches = self._global_batches()
         per_rank = len(self)
         # Every rank must see the same number of batches (DDP): the last few repeat from the start.
-        batches = (batches * 2)[: per_rank * self.world_size] if len(batches) < per_rank * self.world_size else batches
+        if len(batches) < per_rank * self.world_size:
+            batches = (batches * 2)[: per_rank * self.world_size]
         mine = batches[self.rank::self.world_size][:per_rank]
-        skip = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
+        skip = self._resume[1] if self._resume and self._resume[0] == self.sampler.epoch else 0
         yield from mine[skip:]
 
     def __len__(self) -> int:

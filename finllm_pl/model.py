@@ -38,9 +38,8 @@ def resolve_model_path(name: str) -> str:
             raise ModelError(f"model.model_name_or_path={name!r}: {e}") from None
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
-        if not os.path.exists(os.path.join(expanded, "config.json")) and not os.path.exists(
-            os.path.join(expanded, "adapter_config.json")
-        ):
+        if not any(os.path.exists(os.path.join(expanded, f))
+                   for f in ("config.json", "adapter_config.json", "tokenizer_config.json")):
             raise ModelError(f"model.model_name_or_path={name!r}: folder has no config.json; is it a model folder?")
         return expanded
     if name.startswith((".", "/", "~")) or os.sep in name and not _looks_like_hub_id(name):
@@ -137,7 +136,7 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequence[str],
              gradient_checkpointing: bool = False):
     """Wrap `model` with a fresh LoRA adapter; only the adapter is trainable."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     available = linear_module_names(model)
     missing = [m for m in target_modules if m not in available]
@@ -147,11 +146,12 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequence
         )
     if r < 1:
         raise ModelError(f"model.lora_r must be >= 1, got {r}")
-    if getattr(model, "is_loaded_in_4bit", False):
-        # Casts norms to fp32 and, if asked, turns on gradient checkpointing, as the peft QLoRA recipe does.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
+    # Unlike peft's prepare_model_for_kbit_training we do not upcast every non-quantized weight to fp32: the
+    # embeddings and LM head of a 152k vocabulary would take ~1 GB each and the head would be re-cast on every
+    # forward. Mixed precision (autocast) already runs the norms and the loss in fp32.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),

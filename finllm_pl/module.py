@@ -15,6 +15,7 @@ when saved mid-window, the gradients accumulated so far: a resumed run continues
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Literal, Optional
 
@@ -108,6 +109,9 @@ class FinLLM(L.LightningModule):
         hp = self.hparams
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         dtype = hf.torch_dtype(hp.compute_dtype, device)
+        if device.type == "cpu":
+            # Tiny gradients and Adam moments become denormal floats, which x86 CPUs handle ~10-50x slower.
+            torch.set_flush_denormal(True)
         self.tokenizer = hf.load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
         base = hf.load_base_model(hp.model_name_or_path, hp.quantization, dtype, device, hp.attn_implementation,
                                   hp.trust_remote_code)
@@ -117,8 +121,12 @@ class FinLLM(L.LightningModule):
             if hp.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            model = hf.add_lora(base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
-                                hp.gradient_checkpointing)
+            # LoRA's A matrices are drawn from the RNG: seed them from the run's seed, not from whatever loading
+            # and tokenizing consumed before (which differs between a first run and a cached one).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))
+                model = hf.add_lora(base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
+                                    hp.gradient_checkpointing)
         model.train()  # from_pretrained returns eval mode: LoRA dropout would silently be off in training
         self.model = model
         self.metrics = label_metrics(len(hp.labels)).to(device)
@@ -165,16 +173,18 @@ class FinLLM(L.LightningModule):
         with opt.toggle_model(sync_grad=boundary):  # no DDP all-reduce until the window's last backward
             loss, n = loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             self.manual_backward(loss)
-        w["loss"] += float(loss.detach())
-        w["tokens"] += int(n)
-        w["all_tokens"] += int(batch["attention_mask"].sum())
+        # Kept as device tensors: reading them back each micro-batch would stall the GPU twice per batch.
+        w["loss"] = w["loss"] + loss.detach().double()
+        w["tokens"] = w["tokens"] + n
+        w["all_tokens"] = w["all_tokens"] + batch["attention_mask"].sum()
         w["micro"] += 1
         if boundary:
             self._optimizer_step(opt, sched)
 
     def _optimizer_step(self, opt, sched) -> None:
         w = self._window
-        totals = torch.tensor([w["loss"], w["tokens"], w["all_tokens"]], dtype=torch.float64, device=self.device)
+        totals = torch.stack([torch.as_tensor(w[k], dtype=torch.float64, device=self.device)
+                              for k in ("loss", "tokens", "all_tokens")])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")  # window totals over all ranks
         loss_total, tokens, all_tokens = totals.tolist()
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
@@ -299,6 +309,9 @@ class FinLLM(L.LightningModule):
     def on_train_start(self) -> None:
         meta, self._pending = self._pending, {}
         if not meta:
+            # Restart the RNG stream (LoRA dropout) from the run's seed at the first step, whatever setup consumed
+            # before (a first run tokenizes, a second reads the cache): runs are reproducible, resumes exact.
+            torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_rank)
             return
         rng = meta.get("rng", {})
         if "cpu" in rng:

@@ -1,6 +1,8 @@
-"""Shared fixtures: a tiny DeepSeek-like model built offline once per test session."""
+"""Shared fixtures: everything offline, on CPU, in temp folders; a tiny DeepSeek-like model built once."""
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def pytest_configure(config):
@@ -24,3 +29,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """builtin: models and the tokenization cache live in a per-session temp folder, never in ~/.cache."""
+    cache = tmp_path_factory.mktemp("finllm_cache")
+    old = os.environ.get("FINLLM_CACHE")
+    os.environ["FINLLM_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("FINLLM_CACHE", None)
+    else:
+        os.environ["FINLLM_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(_isolated_cache) -> Path:
+    from finllm_pl.assets import ensure_builtin
+
+    return ensure_builtin("tiny-deepseek")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    from finllm_pl.model import load_tokenizer
+
+    return load_tokenizer(str(tiny_dir))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A temp working folder holding a copy of the bundled sample and configs (runs write checkpoints/ here)."""
+    shutil.copytree(ROOT / "data", tmp_path / "data")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

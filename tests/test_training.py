@@ -1,0 +1,116 @@
+"""fit / validate through the CLI in-process on the tiny model: adapter-only checkpoints, export, exact resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from finllm_pl.__main__ import cli_main
+
+# 7 micro-batches per epoch at accumulation 2: windows [0,1] [2,3] [4,5] [6] (the last one partial), 2 epochs.
+FAST = ["--config", "configs/smoke.yaml", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "7",
+        "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar",
+        "false", "--trainer.logger", "false", "--data.batch_size", "4", "--model.warmup_steps", "2",
+        "--checkpoint.every_n_train_steps", "1"]
+
+
+class Losses(Callback):
+    """Records the logged window loss after every optimizer step: {global_step: loss}."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step not in self.by_step and "train/loss" in trainer.callback_metrics and step > 0:
+            self.by_step[step] = float(trainer.callback_metrics["train/loss"])
+
+
+class StopAfter(Callback):
+    """Saves a checkpoint after micro-batch `n` of the first epoch, as ModelCheckpoint would, then dies."""
+
+    def __init__(self, n, path):
+        self.n, self.path = n, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == self.n:
+            trainer.save_checkpoint(self.path)
+            raise _Stop()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _run(args, callbacks=(), ckpt_path=None):
+    cli = cli_main(args, run=False)
+    cli.trainer.callbacks.extend(callbacks)
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
+    return cli
+
+
+def _adapter(cli):
+    return {k: v.clone() for k, v in cli.model.model.named_parameters() if v.requires_grad}
+
+
+def test_fit_writes_adapter_only_checkpoints_and_a_peft_adapter(workdir, tiny_dir):
+    cli = _run(FAST)
+    ckpt_dir = Path("checkpoints/smoke")
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    keys = set(last["state_dict"])
+    assert keys == {f"model.{k}" for k in _adapter(cli)} and all("lora_" in k for k in keys)
+    assert last["finllm"]["lora"]["r"] == 8 and "optimizer_states" in last and "lr_schedulers" in last
+    assert (ckpt_dir / "last.ckpt").stat().st_size < 1_000_000  # the 4-bit base never goes in
+    assert cli.trainer.global_step == 8  # 4 optimizer steps per epoch (3 full windows + 1 partial) x 2
+
+    adapter = ckpt_dir / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "prompt_format.json"):
+        assert (adapter / name).exists(), name
+    fmt = json.loads((adapter / "prompt_format.json").read_text())
+    assert fmt["style"] == "chat" and fmt["think"] == "empty" and fmt["labels"] == ["negative", "neutral", "positive"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), str(adapter))
+    trained = _adapter(cli)
+    for name, p in loaded.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(p, trained[name]), name
+
+
+@pytest.mark.parametrize("stop_after", [3, 4, 6], ids=["window-boundary", "mid-window", "epoch-end"])
+def test_resume_reproduces_the_uninterrupted_run(workdir, stop_after):
+    straight_losses = Losses()
+    straight = _run(FAST + ["--checkpoint.dirpath", "ck_a"], [straight_losses])
+    want = _adapter(straight)
+
+    ckpt = workdir / "stop.ckpt"
+    with pytest.raises(_Stop):
+        _run(FAST + ["--checkpoint.dirpath", "ck_b"], [StopAfter(stop_after, str(ckpt))])
+    resumed_losses = Losses()
+    resumed = _run(FAST + ["--checkpoint.dirpath", "ck_b"], [resumed_losses], ckpt_path=str(ckpt))
+
+    assert resumed.trainer.global_step == straight.trainer.global_step == 8
+    assert resumed_losses.by_step, "the resumed run logged no steps"
+    for step, loss in resumed_losses.by_step.items():
+        assert loss == straight_losses.by_step[step], f"step {step}: {loss} != {straight_losses.by_step[step]}"
+    got = _adapter(resumed)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_validate_reports_metrics_via_cli(workdir):
+    _run(FAST)
+    cli_main(["validate", "--config", "configs/smoke.yaml", "--trainer.logger", "true",
+              "--ckpt_path", "checkpoints/smoke/last.ckpt"])
+    reports = sorted(Path("checkpoints/smoke/lightning_logs").glob("version_*/validation.json"))
+    assert reports, "validate wrote no report"
+    report = json.loads(reports[-1].read_text())
+    assert set(report["per_class"]) == {"negative", "neutral", "positive"}
+    assert report["support"] == 48 and sum(map(sum, report["confusion_matrix"])) == 48
+    assert 0.0 <= report["f1_weighted"] <= 1.0 and report["val_loss"] > 0
+    assert reports[-1].with_name("validation_confusion.png").stat().st_size > 1000
+    assert "| negative |" in reports[-1].with_name("validation.md").read_text()
