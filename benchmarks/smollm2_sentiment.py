@@ -131,7 +131,8 @@ def fit(config: str, train: Path, val: Path, overrides: list[str]) -> dict:
     return {"adapter": str(export.export_dir(trainer)), "fit_wall_s": round(wall, 1), "train_loop_s": round(loop_s, 1),
             "train_batches_s": round(steps_s, 1), "optimizer_steps": trainer.global_step,
             "epochs_done": trainer.current_epoch, "train_rows": len(cli.datamodule.train_set), "rows_seen": rows_seen,
-            "rows_per_s": round(rows_seen / max(steps_s, 1e-9), 1), "final_val": val, "log_dir": trainer.log_dir}
+            "rows_per_s": round(rows_seen / max(steps_s, 1e-9), 1), "final_val": val, "log_dir": trainer.log_dir,
+            "config": config, "overrides": overrides}
 
 
 def default_adapter(config: str, overrides: list[str]) -> str:
@@ -194,9 +195,9 @@ def to_markdown(res: dict) -> str:
                   f"included); training loop {tr['train_loop_s']} s, of "
                   f"which training batches {tr['train_batches_s']} s: {tr['optimizer_steps']} optimizer steps, "
                   f"≈{tr['rows_seen']} rows seen, ≈{tr['rows_per_s']} rows/s",
+                  f"- fit config: `{tr.get('config')}`" + (f" with {' '.join(tr['overrides'])}" if tr.get("overrides") else ""),
                   f"- validation at the end of fit: {tr['final_val'] or 'none (max_steps ended the run mid-epoch)'}"]
-    lines += [f"- hardware: {res['hardware']}", f"- versions: {res['versions']}", f"- config: `{res['config']}`"
-              + (f" with overrides {res['overrides']}" if res["overrides"] else ""),
+    lines += [f"- hardware: {res['hardware']}", f"- versions: {res['versions']}",
               f"- adapter: `{res.get('adapter')}`", f"- split rows: {res['split']['counts']}",
               f"- confusion matrices: {', '.join(res.get('images', [])) or 'none'}",
               "", "## Commands", "", "```", *res["commands"], "```", ""]
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     script = "python benchmarks/smollm2_sentiment.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     res.update(split={"counts": counts, "test_digest": digest, "test_rows_cap": a.max_test_rows,
                       "train_rows_cap": a.max_train_rows, "work": str(work)},
-               config=a.config, overrides=a.override, hardware=hardware(), versions=versions())
+               hardware=hardware(), versions=versions())
 
     def score(model: str, adapter: str | None) -> None:
         res["eval"][model] = {}

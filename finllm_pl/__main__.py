@@ -76,6 +76,8 @@ class FinLLMCLI(LightningCLI):
             accel = str(cfg.trainer.get("accelerator") or "auto")
             gpu = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
             cfg.trainer.precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if gpu else "32-true"
+        # Our batch samplers shard by rank themselves (length-grouped, resumable); Lightning must not wrap them.
+        cfg.trainer.use_distributed_sampler = False
         if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
             raise ConfigError("trainer.accumulate_grad_batches: use model.accumulate_grad_batches (manual optimization)")
         if cfg.trainer.get("gradient_clip_val"):

@@ -55,6 +55,13 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]
     return ckpt
 
 
+def run_dir(trainer) -> str:
+    """The run's log folder, read without `trainer.log_dir` (a collective: calling it on rank 0 alone hangs DDP)."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    return (getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir) \
+        if logger else trainer.default_root_dir
+
+
 class AdapterExport(Callback):
     """At the end of fit, write the adapter in PEFT format with the tokenizer, prompt format and resolved config.
 
@@ -79,8 +86,9 @@ class AdapterExport(Callback):
                   "instruction": dm.hparams.instruction, "max_length": dm.hparams.max_length,
                   "base_model": pl_module.hparams.model_name_or_path}
         config = None
-        if trainer.log_dir and os.path.exists(os.path.join(trainer.log_dir, "config.yaml")):
-            config = Path(trainer.log_dir, "config.yaml").read_text()
+        cfg_file = Path(run_dir(trainer), "config.yaml")
+        if cfg_file.exists():
+            config = cfg_file.read_text()
         out = export_adapter(pl_module.model, dm.formatter.tokenizer, str(self.export_dir(trainer)), prompt, config)
         rank_zero_info(f"adapter exported to {out}")
 
@@ -97,7 +105,7 @@ class ValidationReport(Callback):
         if trainer.ckpt_path:
             report["checkpoint"] = str(trainer.ckpt_path)
         report["step"] = trainer.global_step
-        out_dir = trainer.log_dir or trainer.default_root_dir
+        out_dir = run_dir(trainer)
         paths = write_report(report, out_dir)
         from .metrics import confusion_figure
 

@@ -372,7 +372,10 @@ class InstructionDataModule(L.LightningDataModule):
             raise DataError("data.predict_path is not set; give the file to label")
         if not os.path.isfile(hp.predict_path):
             raise DataError(f"{hp.predict_path}: no such file; check data.predict_path")
-        output = hp.predict_output or os.path.join("predictions", Path(hp.predict_path).stem + ".labels.jsonl")
+        output = hp.predict_output
+        if not output:  # the default folder is ours to create; a folder the user named must exist
+            os.makedirs("predictions", exist_ok=True)
+            output = os.path.join("predictions", Path(hp.predict_path).stem + ".labels.jsonl")
         _, world = self._rank_world()
         expect = {"version": PROGRESS_VERSION, "input": input_fingerprint(hp.predict_path), "labels": list(hp.labels),
                   "world": world, "chunk_rows": hp.predict_chunk_rows, "prompt": self.build_formatter().fingerprint()}

@@ -1,0 +1,66 @@
+"""The real 4-bit path on a GPU: the DeepSeek-R1-Distill-Qwen-1.5B architecture (random weights built from its
+config; the hub is unreachable here) fine-tuned for a few steps through the CLI. Run: pytest -m gpu -s."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from finllm_pl.__main__ import cli_main
+
+pytestmark = pytest.mark.gpu
+
+QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072,
+                 tie_word_embeddings=False, rms_norm_eps=1e-6)
+
+
+def build_qwen_1_5b(out: Path, tokenizer_dir: Path) -> Path:
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = Qwen2Config(**QWEN_1_5B, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def test_qlora_fit_on_the_1_5b_architecture(workdir, tiny_dir):
+    model_dir = build_qwen_1_5b(workdir / "qwen1.5b", tiny_dir)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    cli = cli_main(["fit", "--config", "configs/deepseek_r1_distill_qwen_1.5b.yaml",
+                    "--model.model_name_or_path", str(model_dir), "--data.train_path", "data/sample.jsonl",
+                    "--data.val_fraction", "0.1", "--trainer.max_steps", "6", "--trainer.max_epochs", "1",
+                    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                    "--checkpoint.every_n_train_steps", "3", "--data.max_length", "256"])
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    ckpt = Path("checkpoints/deepseek_r1_distill_qwen_1.5b/last.ckpt")
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    n_params = sum(v.numel() for v in state.values())
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    result = {"gpu": torch.cuda.get_device_name(), "checkpoint_mb": ckpt.stat().st_size / 2**20,
+              "checkpoint_tensors": n_params, "peak_gib": peak, "fit_wall_s": wall,
+              "tokens_per_s": metrics.get("train/tokens_per_s"), "train_loss": metrics.get("train/loss"),
+              "val_f1_weighted": metrics.get("val/f1_weighted"), "steps": cli.trainer.global_step}
+    print(json.dumps(result, indent=2))
+    out = os.environ.get("FINLLM_RESULTS")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, "gpu_test_1.5b.json").write_text(json.dumps(result, indent=2))
+    assert cli.trainer.global_step == 6
+    assert n_params == 1_089_536  # LoRA r=4 on q/k/v/o of the 1.5B model, and nothing else
+    assert result["checkpoint_mb"] < 20
+    assert peak < 16  # the seed's recipe must fit a 16 GB card
+    assert torch.isfinite(torch.tensor(result["train_loss"]))
+    assert (Path("checkpoints/deepseek_r1_distill_qwen_1.5b/adapter") / "adapter_model.safetensors").exists()
