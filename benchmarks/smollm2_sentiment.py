@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # `python benchmarks/...` from anywhere
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local model folder only; the GPU machine reaches no network
 
 from finllm_pl.prepare import stratified_split, to_instruction, write_jsonl_atomic  # noqa: E402
 
@@ -124,13 +125,14 @@ def fit(config: str, train: Path, val: Path, overrides: list[str]) -> dict:
     durations = trainer.profiler.recorded_durations
     loop_s, steps_s = sum(durations["run_training_epoch"]), sum(durations["run_training_batch"])
     export = next(cb for cb in trainer.callbacks if isinstance(cb, AdapterExport))
-    batch = cli.datamodule.hparams.batch_size * cli.model.hparams.accumulate_grad_batches
-    # Rows trained on: whole epochs' worth, or fewer when trainer.max_steps stopped the run early.
-    rows_seen = min(trainer.global_step * batch, len(cli.datamodule.train_set) * trainer.max_epochs)
+    # Rows trained on, from the micro-batches run (each epoch's last batch may be short; good to a batch).
+    n_rows, bs = len(cli.datamodule.train_set), cli.datamodule.hparams.batch_size
+    epochs, rest = divmod(len(durations["run_training_batch"]), -(-n_rows // bs))
+    rows_seen = epochs * n_rows + rest * bs
     val = {k.split("/", 1)[1]: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     return {"adapter": str(export.export_dir(trainer)), "fit_wall_s": round(wall, 1), "train_loop_s": round(loop_s, 1),
             "train_batches_s": round(steps_s, 1), "optimizer_steps": trainer.global_step,
-            "epochs_done": trainer.current_epoch, "train_rows": len(cli.datamodule.train_set), "rows_seen": rows_seen,
+            "epochs_done": trainer.current_epoch, "train_rows": n_rows, "rows_seen": rows_seen,
             "rows_per_s": round(rows_seen / max(steps_s, 1e-9), 1), "final_val": val, "log_dir": trainer.log_dir,
             "config": config, "overrides": overrides}
 
@@ -220,14 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to every validate as --KEY=VALUE (e.g. data.eval_batch_size=128)")
     a = p.parse_args(argv)
-    os.chdir(REPO)  # configs hold repo-relative paths (models/..., checkpoints/...)
+    # Paths given by the user are relative to where they ran us; then we work from the repo root, because
+    # configs hold repo-relative paths (models/..., checkpoints/...).
+    work, out, data_dir = Path(a.work).resolve(), Path(a.out).resolve(), Path(a.data_dir).resolve()
+    a.adapter = a.adapter and str(Path(a.adapter).resolve())
+    config = Path(a.config) if Path(a.config).exists() else REPO / a.config
+    a.config = os.path.relpath(config.resolve(), REPO)
+    os.chdir(REPO)
     fit_over = ["--" + o.lstrip("-") for o in a.override]
     eval_over = ["--" + o.lstrip("-") for o in a.eval_override]
-    work, out = Path(a.work).resolve(), Path(a.out).resolve()
     if REPO in work.parents or work == REPO:
         sys.exit(f"error: --work {work} is inside the repo; licensed data must stay out of it")
 
-    counts = make_splits(Path(a.data_dir), work)
+    counts = make_splits(data_dir, work)
     print(f"split written to {work}: {counts}", flush=True)
     tests = {s: capped(work / f"test_{s}.jsonl", a.max_test_rows) for s in SOURCES}
     digest = hashlib.sha256(b"".join(t.read_bytes() for t in tests.values())).hexdigest()[:16]
