@@ -35,6 +35,10 @@ for _pattern in (".*no pre-optimization state was saved.*", ".*is_gradient_check
 
 
 class _Parser(LightningArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # a typo like --model.learning_rat must not silently match
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Optional[Exception] = None):  # one line, not a usage wall
         first = " ".join(str(message).split())
         sys.stderr.write(f"error: {first[:400]}\n(see `python -m finllm_pl <command> --help` for every option)\n")
