@@ -123,7 +123,8 @@ class FinLLMCLI(LightningCLI):
         self._predict_output = output
 
     def after_predict(self) -> None:
-        print(f"labels written to {self._predict_output}", file=sys.stderr)
+        if self.trainer.global_rank == 0:
+            print(f"labels written to {self._predict_output}", file=sys.stderr)
 
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:

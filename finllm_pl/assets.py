@@ -346,6 +346,13 @@ def smollm2(out_dir, wheel=None) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             delattr(model.config, "quantization_config")
+        # The GGUF loader's idea of EOS differs across transformers versions (5.17 gave <|im_start|>, 5.24
+        # <|im_end|>). An answer must end with the token that ends an assistant turn in the ChatML template,
+        # so pin it: that is what training appends and what generation stops on.
+        tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+        end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        model.config.eos_token_id = model.config.pad_token_id = end_id
+        model.generation_config.eos_token_id = model.generation_config.pad_token_id = end_id
         # GGUF leaves model_max_length unset (1e30); the model's context is 8192 positions.
         tokenizer.model_max_length = model.config.max_position_embeddings
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -368,8 +375,8 @@ def smollm2(out_dir, wheel=None) -> Path:
             (tmp / "finllm_source.json").write_text(json.dumps(source, indent=2) + "\n")
             # Check what was written, not what is in memory: that is what training will load.
             saved = AutoTokenizer.from_pretrained(tmp)
-            if not saved.chat_template or saved.eos_token is None:
-                raise AssetError(f"converted tokenizer lacks a chat template or EOS token ({tmp})")
+            if not saved.chat_template or saved.eos_token != "<|im_end|>":
+                raise AssetError(f"converted tokenizer lacks a chat template or the <|im_end|> EOS ({tmp})")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

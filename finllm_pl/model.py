@@ -174,10 +174,6 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False):
         ) from None
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module, bool]:
     """(decoder, lm_head, exact): run the decoder alone, then the head only on the positions that need logits.
 

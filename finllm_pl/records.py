@@ -177,15 +177,4 @@ def iter_rows(
         raise DataError(f"{path}: no rows (the file is empty); give it at least one row")
 
 
-def read_rows(path: str, **kwargs) -> list[Row]:
-    return list(iter_rows(path, **kwargs))
-
-
-def count_rows(path: str) -> int:
-    """Cheap row count for progress bars (non-empty lines; CSV rows with embedded newlines overcount)."""
-    with open(path, "rb") as f:
-        n = sum(1 for line in f if line.strip())
-    return n - 1 if file_format(path) == "csv" else n
-
-
-__all__ = ["DataError", "Row", "iter_rows", "read_rows", "count_rows", "file_format"]
+__all__ = ["DataError", "Row", "iter_rows", "file_format"]
