@@ -1,11 +1,12 @@
 """`python -m finllm_pl {fit,validate,predict,test} --config configs/<x>.yaml`: the LightningCLI entry point.
+(`python -m finllm_pl export ...` writes deployable adapter or merged folders: see export.py.)
 
 What this file adds to a plain LightningCLI:
   - links: model.model_name_or_path -> data.tokenizer, model.trust_remote_code -> data.trust_remote_code,
     data.labels -> model.labels (each value is set once, in one place);
   - a `checkpoint` section (ModelCheckpoint: every N optimizer steps + last) and crash-safe checkpoint files;
   - precision chosen for the hardware when the config leaves it unset (bf16-mixed / 16-mixed / 32-true);
-  - `--ckpt_path` may also be an adapter folder (predict/validate with an exported adapter);
+  - `--ckpt_path` may also be an adapter folder or a merged model folder (what `export` writes);
   - user errors (bad data, bad config key, missing model, corrupted checkpoint) print one line and exit 2.
 """
 
@@ -62,11 +63,17 @@ class FinLLMCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt and os.path.isdir(ckpt):  # an exported adapter (or merged model) folder
-            if not os.path.exists(os.path.join(ckpt, "adapter_config.json")):
-                raise ModelError(f"{ckpt}: folder is not an adapter (no adapter_config.json); give a .ckpt or the "
-                                 "adapter folder fit exported (checkpoints/<run>/adapter)")
-            self.config[f"{sub}.model.adapter_path"] = ckpt
+        if ckpt and os.path.isdir(ckpt):  # an exported adapter folder, or a merged model folder
+            if os.path.exists(os.path.join(ckpt, "adapter_config.json")):
+                self.config[f"{sub}.model.adapter_path"] = ckpt
+            elif os.path.exists(os.path.join(ckpt, "config.json")):
+                # A merged model is a base model of its own; the tokenizer link was resolved at parse time.
+                self.config[f"{sub}.model.model_name_or_path"] = ckpt
+                self.config[f"{sub}.data.tokenizer"] = ckpt
+                self.config[f"{sub}.model.adapter_path"] = None
+            else:
+                raise ModelError(f"{ckpt}: folder is neither an adapter (adapter_config.json) nor a model "
+                                 "(config.json); give a .ckpt, the adapter folder fit exported or an exported model")
             self.config[f"{sub}.ckpt_path"] = None
             return
         if ckpt and ckpt not in SPECIAL_CKPT:
@@ -98,10 +105,12 @@ class FinLLMCLI(LightningCLI):
         """An adapter must be used with the prompt format it was trained with."""
         from .model import read_prompt_format
 
-        adapter = self.model.hparams.adapter_path
-        saved = read_prompt_format(adapter) if adapter else None
+        hp = self.model.hparams
+        folder = hp.adapter_path or (hp.model_name_or_path if os.path.isdir(hp.model_name_or_path) else None)
+        saved = read_prompt_format(folder) if folder else None  # adapters and merged models carry it
         if not saved:
             return
+        adapter = folder
         now = self.datamodule.build_formatter().describe()
         for key in ("style", "think", "system_prompt"):
             if saved.get(key) != now.get(key):
@@ -120,11 +129,16 @@ class FinLLMCLI(LightningCLI):
         self.config_init["predict"]["return_predictions"] = False  # rows go to the file; memory stays bounded
         output, expect = self.datamodule.predict_job()
         self.trainer.callbacks.append(PredictionWriter(output, self.datamodule.hparams.labels, expect))
-        self._predict_output = output
 
-    def after_predict(self) -> None:
-        if self.trainer.global_rank == 0:
-            print(f"labels written to {self._predict_output}", file=sys.stderr)
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`export` is a plain command (no Trainer); everything else is LightningCLI."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        from .export import main as export_main
+
+        sys.exit(export_main(argv[1:]))
+    cli_main(argv)
 
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:
@@ -149,4 +163,4 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:
 
 
 if __name__ == "__main__":
-    cli_main()
+    main()

@@ -79,12 +79,11 @@ class AdapterExport(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.global_rank != 0 or trainer.interrupted:
             return
+        from .export import prompt_record
         from .model import export_adapter
 
         dm = trainer.datamodule
-        prompt = {**dm.build_formatter().describe(), "labels": list(dm.hparams.labels),
-                  "instruction": dm.hparams.instruction, "max_length": dm.hparams.max_length,
-                  "base_model": pl_module.hparams.model_name_or_path}
+        prompt = prompt_record(dm.build_formatter(), dm.hparams, pl_module.hparams)
         config = None
         cfg_file = Path(run_dir(trainer), "config.yaml")
         if cfg_file.exists():

@@ -62,6 +62,8 @@ def to_markdown(report: dict, title: str = "Validation report") -> str:
     lines += [f"| {k} | {report[k]:.4f} |" for k in ("accuracy", "f1_macro", "f1_weighted")]
     lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for lab in labels:
+        if lab not in report["per_class"]:  # the "(unparsed)" column of generated answers is not a class
+            continue
         c = report["per_class"][lab]
         lines.append(f"| {lab} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
     lines += ["", "Confusion matrix (rows: gold, columns: predicted)", "",

@@ -1,7 +1,8 @@
 """Hugging Face / PEFT plumbing with no Lightning in it: load, quantize, add LoRA, export, merge.
 
 Kept apart from the LightningModule so each piece can be used (and tested) on its own: a user who only wants the
-adapter of a finished run loads it with plain transformers + peft, which is exactly what `load_for_inference` does.
+adapter of a finished run loads it with plain transformers + peft (`load_base_model` + `load_adapter`); folding
+it into the base is in export.py.
 """
 
 from __future__ import annotations
@@ -215,29 +216,6 @@ def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Op
     (tmp / PROMPT_FILE).write_text(json.dumps(prompt, indent=2, ensure_ascii=False))
     if config_yaml:
         (tmp / CONFIG_FILE).write_text(config_yaml)
-    _replace_dir(tmp, target)
-    return target
-
-
-def export_merged(base_name: str, adapter_dir: str, out_dir: str, dtype: torch.dtype = torch.bfloat16,
-                  trust_remote_code: bool = False) -> Path:
-    """A plain transformers model folder with the LoRA folded into unquantized weights (no peft needed to load).
-
-    The base is loaded unquantized in `dtype`: folding LoRA into NF4 weights would re-quantize and lose the
-    update's precision.
-    """
-    base = load_base_model(base_name, quantization="none", compute_dtype=dtype, trust_remote_code=trust_remote_code)
-    merged = load_adapter(base, adapter_dir).merge_and_unload()
-    tok = load_tokenizer(adapter_dir if os.path.exists(os.path.join(adapter_dir, "tokenizer_config.json")) else base_name,
-                         trust_remote_code)
-    target = Path(out_dir)
-    tmp = _atomic_dir(target)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    for extra in (PROMPT_FILE, CONFIG_FILE):
-        src = Path(adapter_dir) / extra
-        if src.exists():
-            shutil.copy(src, tmp / extra)
     _replace_dir(tmp, target)
     return target
 

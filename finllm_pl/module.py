@@ -62,6 +62,8 @@ class FinLLM(L.LightningModule):
         gradient_checkpointing: bool = False,
         max_nonfinite_steps: int = 5,
         labels: list[str] = list(DEFAULT_LABELS),
+        predict_mode: Literal["score", "generate"] = "score",
+        max_new_tokens: int = 16,
     ) -> None:
         """
         Args:
@@ -86,10 +88,16 @@ class FinLLM(L.LightningModule):
             gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
             max_nonfinite_steps: stop the run after this many non-finite steps in a row (each one is skipped).
             labels: the label set scored by validation and predict (linked to data.labels).
+            predict_mode: score (the label with the highest log P(label + EOS | prompt); always a valid label, with
+                probabilities) or generate (greedy free text, parsed; an answer naming no single label is
+                written as label null and counted as unparsed).
+            max_new_tokens: longest generated answer in predict_mode=generate.
         """
         super().__init__()
         if accumulate_grad_batches < 1:
             raise ConfigError(f"model.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if max_new_tokens < 1:
+            raise ConfigError(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
         if learning_rate <= 0:
             raise ConfigError(f"model.learning_rate must be > 0, got {learning_rate}")
         self.save_hyperparameters()
@@ -256,11 +264,29 @@ class FinLLM(L.LightningModule):
             self.log(f"val/{k}", float(values[k]), prog_bar=k == "f1_weighted", rank_zero_only=True)
         self.last_report = summarize(values, self.hparams.labels, {"val_loss": val_loss})
 
-    # -- prediction: label scoring ---------------------------------------------------------------------------
+    # -- prediction: label scoring (default) or free-text generation -----------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if self.hparams.predict_mode == "generate":
+            return {"rows": batch["rows"], "texts": self._generate(batch["prompt_ids"], batch["prompt_mask"])}
         scores = score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
                               batch["label_mask"])
         return {"rows": batch["rows"], "scores": scores.float().cpu()}
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        """Greedy answers (prompts are left-padded, so every row's answer starts in the same column)."""
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        config = GenerationConfig(max_new_tokens=self.hparams.max_new_tokens, do_sample=False, use_cache=True,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+        stop = {tok.eos_token_id, tok.pad_token_id}
+        texts = []
+        for row in out.tolist():
+            end = next((i for i, t in enumerate(row) if t in stop), len(row))
+            # Special tokens are kept: <think>...</think> must stay visible for parse_generated to drop it.
+            texts.append(tok.decode(row[:end], skip_special_tokens=False))
+        return texts
 
     # -- checkpoints: adapter only ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

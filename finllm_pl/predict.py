@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -119,7 +120,7 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output, self.labels, self.expect = output, list(labels), expect
         self.pending: dict[int, dict[str, Any]] = {}  # chunk -> {"size", "rows": {index: line}}
-        self.unparsed = 0
+        self.report: Optional[dict[str, Any]] = None  # counts and metrics of the finished output (rank 0)
 
     def on_predict_start(self, trainer, pl_module) -> None:
         out_dir = os.path.dirname(os.path.abspath(self.output))
@@ -146,7 +147,6 @@ class PredictionWriter(BasePredictionWriter):
             else:
                 rec["label"] = parse_generated(prediction["texts"][j], self.labels)
                 rec["generated"] = prediction["texts"][j]
-                self.unparsed += rec["label"] is None
             if gold is not None:
                 rec["gold"] = gold
             slot["rows"][index] = json.dumps(rec, ensure_ascii=False) + "\n"
@@ -170,6 +170,8 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         if self.rank == 0:
             finish_output(self.output, self.world, self.expect["chunk_rows"])
+            self.report = prediction_report(self.output, self.labels)
+            _announce(self.output, self.report)
         trainer.strategy.barrier()
 
 
@@ -198,3 +200,80 @@ def finish_output(output: str, world: int, chunk_rows: int) -> None:
             p.unlink()
     for r in range(world):
         Path(f"{part_path(output, r)}.json").unlink(missing_ok=True)
+
+
+def prediction_report(output: str, labels: Sequence[str], block: int = 65536) -> dict[str, Any]:
+    """Counts of a finished output and, when its rows carry gold labels, accuracy / F1 / confusion (torchmetrics).
+
+    Streamed in blocks, so it costs no memory on a file of millions of rows. An unparsed generated answer is a
+    wrong answer: it is predicted as an extra "(unparsed)" class, which lowers accuracy and the recall of the
+    row's gold class; macro- and weighted-F1 average over the real labels only.
+    """
+    from .metrics import label_metrics, summarize
+
+    labels = list(labels)
+    index = {lab: i for i, lab in enumerate(labels)}
+    k = len(labels)
+    metrics = label_metrics(k + 1)
+    counts = {"rows": 0, "unparsed": 0, "without_gold": 0, "gold_outside_labels": 0}
+    preds: list[int] = []
+    golds: list[int] = []
+
+    def update() -> None:
+        if preds:
+            metrics.update(torch.tensor(preds), torch.tensor(golds))
+            preds.clear()
+            golds.clear()
+
+    scored = 0
+    with open(output, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            counts["rows"] += 1
+            counts["unparsed"] += rec["label"] is None
+            gold = rec.get("gold")
+            if gold is None:
+                counts["without_gold"] += 1
+            elif gold not in index:
+                counts["gold_outside_labels"] += 1
+            else:
+                preds.append(index.get(rec["label"], k))
+                golds.append(index[gold])
+                scored += 1
+                if len(preds) >= block:
+                    update()
+    update()
+    if not scored:
+        return {"output": output, **counts}
+    values = metrics.compute()
+    report = summarize(values, labels + ["(unparsed)"])
+    cm = report["confusion_matrix"]
+    # torchmetrics averaged over k + 1 classes; the extra class is not a label: average over the real ones
+    # (macro skips classes with no gold and no prediction, as torchmetrics does).
+    f1 = [report["per_class"][lab]["f1"] for lab in labels]
+    support = [sum(cm[i]) for i in range(k)]
+    present = [i for i in range(k) if support[i] or sum(row[i] for row in cm)]
+    report["f1_macro"] = sum(f1[i] for i in present) / max(len(present), 1)
+    report["f1_weighted"] = sum(f * s for f, s in zip(f1, support)) / max(sum(support), 1)
+    if not counts["unparsed"]:  # score mode, or generation that always named a label: a plain k x k report
+        del report["per_class"]["(unparsed)"]
+        report["labels"] = labels
+        report["confusion_matrix"] = [row[:k] for row in cm[:k]]
+    else:
+        del report["per_class"]["(unparsed)"]
+    return {"output": output, **counts, **report}
+
+
+def _announce(output: str, report: dict[str, Any]) -> None:
+    """One line on stderr; with gold labels, the metrics as JSON + Markdown + PNG beside the output."""
+    from .metrics import write_report
+
+    line = f"labeled {report['rows']} rows -> {output}"
+    if report["unparsed"]:
+        line += f"; {report['unparsed']} generated answers named no single label (label null)"
+    if "accuracy" in report:
+        stem = Path(output).name.removesuffix(".jsonl")
+        paths = write_report(report, str(Path(output).parent), stem=f"{stem}.metrics", title=f"Labels of {output}")
+        line += (f"; against the {report['support']} gold labels: accuracy {report['accuracy']:.4f}, macro-F1 "
+                 f"{report['f1_macro']:.4f}, weighted-F1 {report['f1_weighted']:.4f} -> {paths[1]}")
+    print(line, file=sys.stderr)

@@ -1,0 +1,234 @@
+"""predict through the CLI on the tiny model: input formats, order and ids, base model, metrics, generation, export."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from finllm_pl.__main__ import cli_main, main
+from finllm_pl.predict import parse_generated, prediction_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample.jsonl"
+INSTRUCTION = "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}."
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short fit of the smoke config: (run folder, adapter folder, last.ckpt)."""
+    run = tmp_path_factory.mktemp("fit")
+    cli_main(["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--data.train_path", str(SAMPLE),
+              "--trainer.max_steps", "6", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+              "--trainer.default_root_dir", str(run), "--checkpoint.dirpath", str(run / "ck"), *QUIET])
+    return run, run / "ck" / "adapter", run / "ck" / "last.ckpt"
+
+
+def _rows(n=23):
+    with open(SAMPLE) as f:
+        return [json.loads(line) for line in f][:n]
+
+
+def _predict(inp, out, *extra, ckpt=None):
+    args = ["predict", "--config", str(ROOT / "configs/smoke.yaml"), "--data.predict_path", str(inp),
+            "--data.predict_output", str(out), "--data.predict_chunk_rows", "7", "--data.eval_batch_size", "3",
+            *QUIET, *extra]
+    if ckpt:
+        args += ["--ckpt_path", str(ckpt)]
+    cli_main(args)
+    with open(out) as f:
+        return [json.loads(line) for line in f]
+
+
+def _write_inputs(tmp: Path, rows: list[dict]) -> dict[str, tuple[Path, list[str], bool]]:
+    """The same texts in every input format: {name: (path, expected ids in order, has gold)}."""
+    n = len(rows)
+    ids = [f"r{i:03d}" for i in range(n)][::-1]  # ids not in sorted order: the output must keep input order
+    files = {}
+    p = tmp / "train_schema.jsonl"
+    p.write_text("".join(json.dumps({"id": i, **r}) + "\n" for i, r in zip(ids, rows)))
+    files["jsonl-train-schema"] = (p, ids, True)
+    p = tmp / "text_rows.jsonl"
+    p.write_text("".join(json.dumps({"text": r["input"]}) + "\n" for r in rows))
+    files["jsonl-text"] = (p, [str(i) for i in range(n)], False)
+    p = tmp / "news.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["date", "headline", "label"])
+        w.writerows([["2024-01-01", r["input"], r["output"]] for r in rows])
+    files["csv"] = (p, [str(i) for i in range(n)], True)
+    p = tmp / "lines.txt"
+    p.write_text("".join(r["input"].replace("\n", " ") + "\n" for r in rows))
+    files["txt"] = (p, [str(i) for i in range(n)], False)
+    return files
+
+
+def test_every_input_format_gives_the_same_labels_in_input_order(tmp_path, trained):
+    _, adapter, _ = trained
+    rows = _rows()
+    outs = {}
+    for name, (path, ids, has_gold) in _write_inputs(tmp_path, rows).items():
+        extra = ["--data.text_column", "headline"] if name == "csv" else []
+        out = _predict(path, tmp_path / f"{name}.out.jsonl", *extra, ckpt=adapter)
+        assert [r["id"] for r in out] == ids, name
+        for r, src in zip(out, rows):
+            assert r["label"] in ("negative", "neutral", "positive")
+            assert abs(sum(r["probs"].values()) - 1) < 1e-4 and r["label"] == max(r["probs"], key=r["probs"].get)
+            assert (r.get("gold") == src["output"]) if has_gold else "gold" not in r
+        outs[name] = out
+        assert not list(tmp_path.glob(f"{name}.out.jsonl.*")), "part or progress files left behind"
+    # Same texts, same prompts: every format must give the same probabilities row by row.
+    ref = outs["jsonl-train-schema"]
+    for name, out in outs.items():
+        for a, b in zip(ref, out):
+            for lab in a["probs"]:
+                assert abs(a["probs"][lab] - b["probs"][lab]) < 1e-5, (name, a, b)
+
+
+def test_base_model_predicts_without_an_adapter_and_the_adapter_changes_it(tmp_path, trained):
+    _, adapter, _ = trained
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(10)))
+    base = _predict(inp, tmp_path / "base.jsonl")
+    tuned = _predict(inp, tmp_path / "tuned.jsonl", ckpt=adapter)
+    assert len(base) == len(tuned) == 10
+    diff = max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(base, tuned) for k in a["probs"])
+    assert diff > 1e-3, "the adapter made no difference: was it loaded?"
+
+
+def test_predict_on_labelled_input_writes_metrics_that_match_the_rows(tmp_path, trained, capsys):
+    _, adapter, _ = trained
+    inp = tmp_path / "gold.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _rows(40)))
+    out = _predict(inp, tmp_path / "gold.labels.jsonl", ckpt=adapter)
+    report = json.loads((tmp_path / "gold.labels.metrics.json").read_text())
+    labels = ["negative", "neutral", "positive"]
+    correct = sum(r["label"] == r["gold"] for r in out)
+    assert report["rows"] == report["support"] == 40 and report["unparsed"] == 0
+    assert report["accuracy"] == pytest.approx(correct / 40)
+    cm = [[sum(r["gold"] == g and r["label"] == p for r in out) for p in labels] for g in labels]
+    assert report["confusion_matrix"] == cm
+    assert (tmp_path / "gold.labels.metrics.md").exists()
+    assert (tmp_path / "gold.labels.metrics_confusion.png").stat().st_size > 1000
+    assert "weighted-F1" in capsys.readouterr().err
+
+
+def test_prediction_report_against_hand_computed_values(tmp_path):
+    # gold:  neg neg neg neu neu pos pos pos pos  + one row without gold, one with a gold outside the labels
+    # pred:  neg neg neu neu None pos pos neg pos (None = an unparsed generated answer: counted wrong)
+    gold = ["negative"] * 3 + ["neutral"] * 2 + ["positive"] * 4
+    pred = ["negative", "negative", "neutral", "neutral", None, "positive", "positive", "negative", "positive"]
+    rows = [{"id": str(i), "label": p, "gold": g} for i, (g, p) in enumerate(zip(gold, pred))]
+    rows += [{"id": "x", "label": "neutral"}, {"id": "y", "label": "neutral", "gold": "mixed"}]
+    out = tmp_path / "o.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = prediction_report(str(out), ["negative", "neutral", "positive"])
+    assert (rep["rows"], rep["unparsed"], rep["without_gold"], rep["gold_outside_labels"]) == (11, 1, 1, 1)
+    assert rep["accuracy"] == pytest.approx(6 / 9)
+    # negative: tp 2, fp 1 (a positive), fn 1 -> P 2/3, R 2/3, F1 2/3
+    # neutral:  tp 1, fp 1 (a negative), fn 1 (unparsed) -> P 1/2, R 1/2, F1 1/2
+    # positive: tp 3, fp 0, fn 1 -> P 1, R 3/4, F1 6/7
+    f1 = {"negative": 2 / 3, "neutral": 1 / 2, "positive": 6 / 7}
+    for lab, want in f1.items():
+        assert rep["per_class"][lab]["f1"] == pytest.approx(want, abs=1e-6), lab
+    assert rep["per_class"]["neutral"]["recall"] == pytest.approx(0.5)
+    assert rep["f1_macro"] == pytest.approx(sum(f1.values()) / 3, abs=1e-6)
+    assert rep["f1_weighted"] == pytest.approx((3 * f1["negative"] + 2 * f1["neutral"] + 4 * f1["positive"]) / 9,
+                                               abs=1e-6)
+    assert rep["confusion_matrix"][1] == [0, 1, 0, 1]  # neutral row: one right, one unparsed
+
+
+def test_parse_generated_never_guesses():
+    labels = ["negative", "neutral", "positive"]
+    assert parse_generated("Positive.", labels) == "positive"
+    assert parse_generated("<think>could be negative, or positive</think>\nneutral", labels) == "neutral"
+    assert parse_generated("<think>negative... still thinking", labels) is None  # never closed: no answer
+    assert parse_generated("I cannot tell", labels) is None
+    assert parse_generated("negative or positive", labels) is None
+    assert parse_generated("non-negative", labels) == "negative"  # word boundary at '-': documented limitation
+
+
+def test_generate_mode_writes_free_text_and_counts_unparsed(tmp_path, trained, capsys):
+    _, adapter, _ = trained
+    inp = tmp_path / "gold.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _rows(9)))
+    out = _predict(inp, tmp_path / "gen.jsonl", "--model.predict_mode", "generate", "--model.max_new_tokens", "3",
+                   ckpt=adapter)
+    assert [r["id"] for r in out] == [str(i) for i in range(9)]
+    for r in out:
+        assert "generated" in r and "probs" not in r
+        assert r["label"] == parse_generated(r["generated"], ["negative", "neutral", "positive"])
+    unparsed = sum(r["label"] is None for r in out)
+    report = json.loads((tmp_path / "gen.metrics.json").read_text())
+    assert report["unparsed"] == unparsed
+    # The adapter was trained to answer with one label word and stop: greedy decoding should mostly do that.
+    assert unparsed < 9, [r["generated"] for r in out]
+
+
+def test_export_adapter_from_checkpoint_equals_fit_export(tmp_path, trained):
+    from safetensors.torch import load_file
+
+    _, adapter, last = trained
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(last), "--out", str(tmp_path / "from_ckpt")])
+    assert e.value.code == 0
+    a = load_file(str(adapter / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "from_ckpt" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fa = json.loads((adapter / "prompt_format.json").read_text())
+    fb = json.loads((tmp_path / "from_ckpt" / "prompt_format.json").read_text())
+    assert fa == fb and fa["quantization"] == "nf4"
+
+
+def test_merged_model_labels_like_the_adapter_and_loads_without_peft(tmp_path, trained):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    _, adapter, _ = trained
+    merged = tmp_path / "merged"
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(adapter), "--out", str(merged), "--merged", "--dtype", "float32"])
+    assert e.value.code == 0
+    cfg = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        assert not any("lora" in k for k in f.keys())
+    assert isinstance(AutoModelForCausalLM.from_pretrained(str(merged)), torch.nn.Module)
+
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
+    with_adapter = _predict(inp, tmp_path / "a.jsonl", ckpt=adapter)
+    # The merged weights are the NF4 base as training saw it (dequantized) + the LoRA update, so plain fp32 loading
+    # must give the adapter-on-NF4 scores.
+    folded = _predict(inp, tmp_path / "m.jsonl", "--model.quantization", "none", ckpt=merged)
+    diff = max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(with_adapter, folded) for k in a["probs"])
+    assert diff < 1e-4, diff
+    assert [a["label"] for a in with_adapter] == [b["label"] for b in folded]
+
+    original = tmp_path / "merged_original"
+    with pytest.raises(SystemExit):
+        main(["export", str(adapter), "--out", str(original), "--merged", "--dtype", "float32",
+              "--merge-into", "original"])
+    from safetensors.torch import load_file
+
+    w_trained, w_orig = load_file(str(merged / "model.safetensors")), load_file(str(original / "model.safetensors"))
+    key = next(k for k in w_trained if k.endswith("q_proj.weight"))
+    assert not torch.equal(w_trained[key], w_orig[key]), "--merge-into original must fold into unquantized weights"
+
+
+def test_export_rejects_what_it_cannot_use(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert _export_rc([str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "not an adapter" in capsys.readouterr().err
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    assert _export_rc([str(tmp_path / "bad.ckpt"), "--out", str(tmp_path / "o")]) == 2
+    assert "corrupted" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def _export_rc(args):
+    with pytest.raises(SystemExit) as e:
+        main(["export", *args])
+    return e.value.code
