@@ -133,12 +133,12 @@ class FinLLMCLI(LightningCLI):
 
 def main(argv: Optional[list[str]] = None) -> None:
     """`export` is a plain command (no Trainer); everything else is LightningCLI."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["export"]:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["export"]:
         from .export import main as export_main
 
-        sys.exit(export_main(argv[1:]))
-    cli_main(argv)
+        sys.exit(export_main(args[1:]))
+    cli_main(argv)  # None: LightningCLI reads sys.argv itself
 
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:
