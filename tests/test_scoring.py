@@ -6,7 +6,7 @@ import torch
 from finllm_pl import model as hf
 from finllm_pl.data import collate_prompts, collate_train
 from finllm_pl.prompts import DEFAULT_INSTRUCTION, PromptFormatter
-from finllm_pl.scoring import loss_sum, score_labels, score_labels_reference
+from finllm_pl.scoring import common_prefix_length, loss_sum, score_labels, score_labels_reference
 
 TEXTS = ["Shares fell 5% after the profit warning.", "Board meets Tuesday.",
          "Revenue rose to a record on strong demand in every region.", "Up."]
@@ -38,6 +38,126 @@ def test_label_scores_equal_brute_force(tiny_dir, tiny_tokenizer, quantization, 
     ref = score_labels_reference(model, b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"])
     assert fast.shape == (len(TEXTS), len(labels))
     torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-5)
+
+
+class _DecoderCalls:
+    """Records (batch, length) of every decoder forward: which path `score_labels` took."""
+
+    def __init__(self, model):
+        self.shapes = []
+        decoder = hf.split_head(model)[0]
+        self.handle = decoder.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        self.shapes.append(tuple(kwargs["input_ids"].shape))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _shared_prefix(prompts):
+    """Reference for common_prefix_length: plain Python over the unpadded token lists."""
+    n = 0
+    while all(len(p) > n for p in prompts) and len({p[n] for p in prompts}) == 1:
+        n += 1
+    return min(n, min(map(len, prompts)) - 1)
+
+
+def _scores_three_ways(model, prompts, label_ids, pad_id, min_prefix=8):
+    b = collate_prompts(prompts, pad_id, label_ids)
+    args = (b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"])
+    with torch.no_grad(), _DecoderCalls(model) as calls:
+        fast = score_labels(model, *args, min_prefix=min_prefix)
+    with torch.no_grad():
+        plain = score_labels(model, *args, min_prefix=0)
+    ref = score_labels_reference(model, *args)
+    return fast, plain, ref, calls.shapes, b
+
+
+PREFIX_LABELS = [["negative", "neutral", "positive"], ["bearish", "no clear view on the stock", "positive"]]
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+@pytest.mark.parametrize("labels", PREFIX_LABELS)
+def test_shared_prefix_scores_equal_plain_path_and_brute_force(tiny_dir, tiny_tokenizer, quantization, labels):
+    model = _lora_model(tiny_dir, quantization)
+    f = PromptFormatter(tiny_tokenizer)
+    label_ids = f.encode_labels(labels)
+    prompts = [f.encode_prompt(DEFAULT_INSTRUCTION, t) for t in TEXTS]
+    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: left padding between the parts
+    fast, plain, ref, shapes, b = _scores_three_ways(model, prompts, label_ids, tiny_tokenizer.pad_token_id)
+    P = _shared_prefix(prompts)
+    assert P >= 8 and common_prefix_length(b["prompt_ids"], b["prompt_mask"]) == P
+    T = b["prompt_ids"].shape[1]
+    B, K = len(prompts), len(labels)
+    # prefix once at batch 1, then the suffixes, then the label continuation: the prefix path was taken
+    assert shapes == [(1, P), (B, T - P), (B * K, max(map(len, label_ids)) - 1)]
+    torch.testing.assert_close(fast, plain, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_partly_shared_prefix(tiny_dir, tiny_tokenizer, quantization):
+    """Two instructions that agree only on their first words, and a prompt that is a prefix of another."""
+    model = _lora_model(tiny_dir, quantization)
+    f = PromptFormatter(tiny_tokenizer)
+    label_ids = f.encode_labels(["bearish", "no clear view on the stock", "positive"])
+    other = "What is the sentiment of this tweet? Answer with one word."
+    prompts = [f.encode_prompt(DEFAULT_INSTRUCTION, TEXTS[0]), f.encode_prompt(other, TEXTS[1]),
+               f.encode_prompt(other, TEXTS[2])]
+    full_common = _shared_prefix([prompts[0], f.encode_prompt(DEFAULT_INSTRUCTION, TEXTS[1])])
+    P = _shared_prefix(prompts)
+    assert 8 <= P < full_common  # shared only partly: the instructions diverge
+    fast, plain, ref, shapes, _ = _scores_three_ways(model, prompts, label_ids, tiny_tokenizer.pad_token_id)
+    assert shapes[0] == (1, P)
+    torch.testing.assert_close(fast, plain, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-5)
+
+    # a whole prompt that is the start of another: the prefix stops one token short, so it keeps a token of its own
+    long = prompts[0]
+    short = long[: P + 3]
+    fast, plain, ref, shapes, b = _scores_three_ways(model, [long, short], label_ids, tiny_tokenizer.pad_token_id)
+    assert common_prefix_length(b["prompt_ids"], b["prompt_mask"]) == len(short) - 1
+    assert shapes[0] == (1, len(short) - 1)
+    torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(plain, ref, atol=2e-4, rtol=1e-5)
+
+
+def test_prefix_reuse_off_for_one_row_short_prefix_or_zero(tiny_dir, tiny_tokenizer):
+    model = _lora_model(tiny_dir, "none")
+    f = PromptFormatter(tiny_tokenizer)
+    label_ids = f.encode_labels(["negative", "neutral", "positive"])
+    pad = tiny_tokenizer.pad_token_id
+    prompts = [f.encode_prompt(DEFAULT_INSTRUCTION, t) for t in TEXTS]
+    T = max(map(len, prompts))
+    # batch of 1: the plain path (one prompt forward, one continuation), same scores
+    fast, plain, ref, shapes, _ = _scores_three_ways(model, prompts[:1], label_ids, pad)
+    assert [s[0] for s in shapes] == [1, 3]
+    torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-5)
+    # the threshold: a prefix shorter than min_prefix is not worth a separate forward
+    P = _shared_prefix(prompts)
+    for min_prefix, taken in ((P, True), (P + 1, False), (0, False)):
+        fast, _, ref, shapes, _ = _scores_three_ways(model, prompts, label_ids, pad, min_prefix=min_prefix)
+        assert (shapes[0] == (1, P)) is taken and (shapes[0] == (len(prompts), T)) is not taken
+        torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-5)
+    # no common first token at all
+    odd = [prompts[0], [t + 1 for t in prompts[1]]]
+    b = collate_prompts(odd, pad, label_ids)
+    assert common_prefix_length(b["prompt_ids"], b["prompt_mask"]) == 0
+
+
+def test_common_prefix_length_on_left_padded_rows():
+    pad = 0
+    ids = torch.tensor([[pad, pad, 5, 6, 7, 8],
+                        [5, 6, 7, 9, 9, 9],
+                        [pad, 5, 6, 7, 8, 1]])
+    mask = (torch.arange(6)[None] >= torch.tensor([[2], [0], [1]])).long()
+    assert common_prefix_length(ids, mask) == 3
+    assert common_prefix_length(ids[:1], mask[:1]) == 3  # one row: all but its last token
+    assert common_prefix_length(ids[[0, 2]], mask[[0, 2]]) == 3  # [5,6,7,8] vs [5,6,7,8,1]: capped at 4 - 1
 
 
 def test_sparse_head_loss_equals_full_vocabulary_loss(tiny_dir, tiny_tokenizer):
