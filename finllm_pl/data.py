@@ -173,15 +173,50 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         batches = self._global_batches()
         per_rank = len(self)
         # Every rank must see the same number of batches (DDP): the last few repeat from the start.
-        if len(batches) < per_rank * self.world_size:
-            batches = (batches * 2)[: per_rank * self.world_size]
-        mine = batches[self.rank::self.world_size][:per_rank]
+        batches += [batches[k % len(batches)] for k in range(per_rank * self.world_size - len(batches))]
+        mine = batches[self.rank::self.world_size]
         skip = self._resume[1] if self._resume and self._resume[0] == self.sampler.epoch else 0
         yield from mine[skip:]
 
     def __len__(self) -> int:
         n_batches = -(-len(self.lengths) // self.batch_size)
         return -(-n_batches // self.world_size)
+
+
+class EvalBatchSampler(LengthGroupedBatchSampler):
+    """Validation batches, in a fixed length-grouped order, sharded over ranks so that every row counts once.
+
+    Batch b of the 1-process order goes to rank b % world_size, so each row is scored in the very batch (same
+    padding) it has on one process. Every rank must run the same number of batches (a rank with none would skip
+    the loop and leave the others waiting in the epoch-end reduction), so the list is padded with repeated
+    batches as in training, but here each row comes as `(index, counted)` and the repeats have counted=False:
+    `collate_eval` masks their loss labels and gold, so loss, token count and metrics see every row exactly once.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, group_by_length: bool = True, rank: int = 0,
+                 world_size: int = 1) -> None:
+        super().__init__(lengths, batch_size, shuffle=False, group_by_length=group_by_length, rank=rank,
+                         world_size=world_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        batches = [[(i, True) for i in b] for b in self._global_batches()]
+        extra = len(self) * self.world_size - len(batches)
+        batches += [[(i, False) for i, _ in batches[k % len(batches)]] for k in range(extra)]
+        yield from batches[self.rank::self.world_size]
+
+
+class CountedRows(torch.utils.data.Dataset):
+    """A dataset read with `(index, counted)` keys (from EvalBatchSampler): rows come back with a `counted` flag."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, keys: list[tuple[int, bool]]) -> list[dict]:
+        cols = self.ds[[i for i, _ in keys]]
+        return [{**{k: v[j] for k, v in cols.items()}, "counted": c} for j, (_, c) in enumerate(keys)]
 
 
 def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -212,7 +247,10 @@ def collate_prompts(prompts: list[list[int]], pad_id: int, label_ids: list[list[
 def collate_eval(rows: list[dict], pad_id: int, label_ids: list[list[int]]) -> dict[str, torch.Tensor]:
     batch = collate_train(rows, pad_id)
     batch.update(collate_prompts([r["input_ids"][: r["prompt_len"]] for r in rows], pad_id, label_ids))
-    batch["gold"] = torch.tensor([r["gold"] for r in rows])
+    # Rows repeated only to even out the ranks' batch counts (counted=False) count in neither loss nor metrics.
+    dup = [j for j, r in enumerate(rows) if not r.get("counted", True)]
+    batch["gold"] = torch.tensor([-1 if j in dup else r["gold"] for j, r in enumerate(rows)])
+    batch["labels"][dup] = -100
     return batch
 
 
@@ -357,10 +395,10 @@ class InstructionDataModule(L.LightningDataModule):
             return []
         hp = self.hparams
         rank, world = self._rank_world()
-        sampler = LengthGroupedBatchSampler(self.val_set["length"], hp.eval_batch_size, shuffle=False,
-                                            group_by_length=hp.group_by_length, rank=rank, world_size=world)
+        sampler = EvalBatchSampler(self.val_set["length"], hp.eval_batch_size, group_by_length=hp.group_by_length,
+                                   rank=rank, world_size=world)
         pad, label_ids = self.formatter.tokenizer.pad_token_id, self.label_ids
-        return DataLoader(self.val_set.with_format(None), batch_sampler=sampler,
+        return DataLoader(CountedRows(self.val_set.with_format(None)), batch_sampler=sampler,
                           collate_fn=lambda rows: collate_eval(rows, pad, label_ids), num_workers=hp.num_workers)
 
     def predict_job(self) -> tuple[str, dict[str, Any]]:
