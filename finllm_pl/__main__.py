@@ -18,13 +18,14 @@ import warnings
 from typing import Optional
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .callbacks import AdapterExport, AtomicCheckpointIO, ValidationReport, load_checkpoint_file
+from .callbacks import (AdapterExport, AtomicCheckpointIO, StepCheckpoint, ValidationReport, check_adapter_matches,
+                        check_writable_dir, load_checkpoint_file)
 from .data import InstructionDataModule
 from .errors import ConfigError, FinLLMError, ModelError
 from .module import FinLLM
+from .records import iter_rows
 
 SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 
@@ -42,7 +43,7 @@ class _Parser(LightningArgumentParser):
 
     def error(self, message: str, ex: Optional[Exception] = None):  # one line, not a usage wall
         first = " ".join(str(message).split())
-        sys.stderr.write(f"error: {first[:400]}\n(see `python -m finllm_pl <command> --help` for every option)\n")
+        sys.stderr.write(f"error: {first[:400]} (see `python -m finllm_pl <command> --help` for every option)\n")
         sys.exit(2)
 
 
@@ -51,7 +52,7 @@ class FinLLMCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer", apply_on="parse")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code", apply_on="parse")
         parser.link_arguments("data.labels", "model.labels", apply_on="parse")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.dirpath": "checkpoints/run",
             "checkpoint.filename": "{step:06d}",
@@ -77,7 +78,9 @@ class FinLLMCLI(LightningCLI):
             self.config[f"{sub}.ckpt_path"] = None
             return
         if ckpt and ckpt not in SPECIAL_CKPT:
-            load_checkpoint_file(ckpt)  # a clear error for a missing or corrupted file, before anything loads
+            loaded = load_checkpoint_file(ckpt)  # a clear error for a missing or corrupted file, before anything loads
+            if sub == "fit":  # LightningCLI would silently replace this run's model settings by the checkpoint's
+                check_adapter_matches(ckpt, loaded, self.config[sub].model)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -100,6 +103,11 @@ class FinLLMCLI(LightningCLI):
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins = [AtomicCheckpointIO(), *plugins]  # crash-safe checkpoint files unless the user brings an IO
         return super().instantiate_trainer(plugins=plugins, **kwargs)
+
+    def before_fit(self) -> None:
+        cb = self.trainer.checkpoint_callback
+        if cb is not None and cb.dirpath:  # before hours of training, not at the first save
+            check_writable_dir(str(cb.dirpath), "checkpoint.dirpath")
 
     def _check_prompt_format(self) -> None:
         """An adapter must be used with the prompt format it was trained with."""
@@ -128,6 +136,11 @@ class FinLLMCLI(LightningCLI):
         self._check_prompt_format()
         self.config_init["predict"]["return_predictions"] = False  # rows go to the file; memory stays bounded
         output, expect = self.datamodule.predict_job()
+        hp = self.datamodule.hparams
+        # Every row is read (and checked) once before any is labeled: a bad row at line 900,000 stops the job now,
+        # with nothing written, instead of hours later beside a half-labeled output.
+        for _ in iter_rows(hp.predict_path, instruction=hp.instruction, need_output=False, text_column=hp.text_column):
+            pass
         self.trainer.callbacks.append(PredictionWriter(output, self.datamodule.hparams.labels, expect))
 
 
@@ -141,9 +154,28 @@ def main(argv: Optional[list[str]] = None) -> None:
     cli_main(argv)  # None: LightningCLI reads sys.argv itself
 
 
+def _check_config_files(args: list[str]) -> None:
+    """A config file that is not valid YAML: name the file and line (the parser alone says '<unicode string>')."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    yaml.safe_load(f)
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}" if mark else path
+                why = " ".join(str(getattr(e, "problem", None) or e).split())
+                raise ConfigError(f"{where}: not a valid YAML config ({why}); fix the file") from None
+
+
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:
     """Run the CLI (tests call this in-process). `run=False` parses and builds the objects without running."""
     try:
+        _check_config_files(sys.argv[1:] if args is None else list(args))
         return FinLLMCLI(
             FinLLM,
             InstructionDataModule,

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import glob
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .metrics import write_report
 
 
@@ -23,21 +23,55 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:  # disk full, folder gone read-only: the previous checkpoint is still intact
+            tmp.unlink(missing_ok=True)
+            raise ModelError(f"{path}: cannot write the checkpoint ({e.strerror or e}); free space or set "
+                             "checkpoint.dirpath to a writable folder, then resume with --ckpt_path last") from None
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)  # the rename itself survives a power cut
         finally:
             os.close(dir_fd)
+        # Temp files of saves that a kill interrupted (the run that resumed redoes those saves, under this name)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+            stale.unlink(missing_ok=True)
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = True):
         return load_checkpoint_file(str(path), map_location)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint (the CLI's `checkpoint` section), made for resuming after a kill. After a resume:
+
+      - it does not save again the step it resumed from. With manual optimization and gradient accumulation the
+        global step stays put for a few micro-batches after a resume at a window boundary, and ModelCheckpoint
+        does not restore the step it last saved: it would rewrite step=N.ckpt and last.ckpt at the first
+        micro-batch with a mid-window state (valid, but not what an uninterrupted run writes);
+      - resumed from a checkpoint of its own folder, it overwrites the step checkpoints a killed run wrote past the
+        resume point (the same steps, redone exactly) instead of adding step=N-v1.ckpt copies beside them.
+    Its state key stays ModelCheckpoint's, so the checkpoints written before keep resuming their callback state.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        assert hasattr(self, "_last_global_step_saved") and hasattr(self, "_enable_version_counter"), \
+            "lightning's ModelCheckpoint changed: review StepCheckpoint"
+        self._last_global_step_saved = trainer.global_step
+        if trainer.ckpt_path and self.dirpath and \
+                Path(trainer.ckpt_path).resolve().parent == Path(self.dirpath).resolve():
+            self._enable_version_counter = False
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:
@@ -45,14 +79,49 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]
         raise ModelError(f"{path}: no such checkpoint file; check --ckpt_path (or use 'last')")
     try:
         ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # truncated, garbage, or a pickle that would run code (refused by weights_only)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise ModelError(
-            f"{path}: checkpoint is corrupted or not a checkpoint ({str(e).splitlines()[0][:120]}); "
+            f"{path}: checkpoint is corrupted or not a checkpoint ({why}); "
             "resume from another one (checkpoints/<run>/*.ckpt)"
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ModelError(f"{path}: not a Lightning checkpoint (no state_dict); give a .ckpt written by fit")
     return ckpt
+
+
+def _same_model(a: str, b: str) -> bool:
+    if os.path.isdir(os.path.expanduser(a)) and os.path.isdir(os.path.expanduser(b)):
+        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+    return a == b
+
+
+def check_adapter_matches(path: str, ckpt: dict[str, Any], hp: Any) -> None:
+    """A checkpoint resumes only into the base model and LoRA shape it was trained with (`hp`: model settings)."""
+    meta = ckpt.get("finllm") or {}
+    saved = meta.get("lora") or {}
+    if not meta:
+        return  # not ours: on_load_checkpoint says so
+    want_targets = sorted(hp.lora_target_modules)
+    if (_same_model(meta["base_model"], hp.model_name_or_path) and saved.get("r") == hp.lora_r
+            and saved.get("alpha", hp.lora_alpha) == hp.lora_alpha and sorted(saved.get("target_modules", [])) == want_targets):
+        return
+    raise ModelError(
+        f"{path}: checkpoint is an adapter for {meta['base_model']} with LoRA r={saved.get('r')} alpha="
+        f"{saved.get('alpha')} on {saved.get('target_modules')}, but this run is {hp.model_name_or_path} with "
+        f"r={hp.lora_r} alpha={hp.lora_alpha} on {list(hp.lora_target_modules)}; use the matching config"
+    )
+
+
+def check_writable_dir(path: str, key: str) -> None:
+    """Fail before any work is done when the folder `path` (created later if missing) cannot be written."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key}={path}: {probe} is a file, not a folder; set {key} to a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: folder {probe} is not writable; set {key} to a folder you can write to")
 
 
 def run_dir(trainer) -> str:

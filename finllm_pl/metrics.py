@@ -23,16 +23,18 @@ from torchmetrics.classification import (
 )
 
 
-def label_metrics(num_classes: int) -> MetricCollection:
-    k = num_classes
+def label_metrics(num_classes: int, sync: bool = True) -> MetricCollection:
+    """sync: compute() sums the states of all DDP ranks (a collective: every rank must call it). sync=False for
+    metrics that one rank computes alone (e.g. rank 0 reading a merged output file)."""
+    k, kw = num_classes, {"sync_on_compute": sync}
     return MetricCollection({
-        "accuracy": MulticlassAccuracy(k, average="micro"),
-        "f1_macro": MulticlassF1Score(k, average="macro"),
-        "f1_weighted": MulticlassF1Score(k, average="weighted"),
-        "precision": MulticlassPrecision(k, average=None),
-        "recall": MulticlassRecall(k, average=None),
-        "f1": MulticlassF1Score(k, average=None),
-        "confusion": MulticlassConfusionMatrix(k),
+        "accuracy": MulticlassAccuracy(k, average="micro", **kw),
+        "f1_macro": MulticlassF1Score(k, average="macro", **kw),
+        "f1_weighted": MulticlassF1Score(k, average="weighted", **kw),
+        "precision": MulticlassPrecision(k, average=None, **kw),
+        "recall": MulticlassRecall(k, average=None, **kw),
+        "f1": MulticlassF1Score(k, average=None, **kw),
+        "confusion": MulticlassConfusionMatrix(k, **kw),
     })
 
 

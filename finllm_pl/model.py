@@ -7,8 +7,10 @@ it into the base is in export.py.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -168,6 +170,11 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False):
         raise ModelError(f"{adapter_dir}: not an adapter folder (no adapter_config.json); give the folder fit exported")
     try:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    except (pickle.UnpicklingError, EOFError, OSError) as e:  # weights_only refuses pickles that would run code
+        raise ModelError(
+            f"{adapter_dir}: adapter weights are corrupted or not safe to load ({str(e).splitlines()[0][:120]}); "
+            "export the adapter again (adapter_model.safetensors)"
+        ) from None
     except (RuntimeError, ValueError, KeyError) as e:
         raise ModelError(
             f"{adapter_dir}: adapter does not fit this base model ({str(e).splitlines()[0][:200]}); "
@@ -202,6 +209,8 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Optional[str] = None) -> Path:

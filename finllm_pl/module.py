@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import model as hf
+from .callbacks import check_adapter_matches
 from .errors import ConfigError, FinLLMError, ModelError
 from .metrics import label_metrics, summarize
 from .prompts import DEFAULT_LABELS
@@ -64,6 +65,7 @@ class FinLLM(L.LightningModule):
         labels: list[str] = list(DEFAULT_LABELS),
         predict_mode: Literal["score", "generate"] = "score",
         max_new_tokens: int = 16,
+        prefix_reuse: bool = True,
     ) -> None:
         """
         Args:
@@ -92,6 +94,8 @@ class FinLLM(L.LightningModule):
                 probabilities) or generate (greedy free text, parsed; an answer naming no single label is
                 written as label null and counted as unparsed).
             max_new_tokens: longest generated answer in predict_mode=generate.
+            prefix_reuse: when scoring labels, run the prompt prefix all rows of a batch share (template, system
+                prompt, instruction) once instead of per row: same scores up to float rounding, ~1.3x faster.
         """
         super().__init__()
         if accumulate_grad_batches < 1:
@@ -107,6 +111,7 @@ class FinLLM(L.LightningModule):
         self.tokenizer = None
         self._window = {"loss": 0.0, "tokens": 0, "micro": 0, "t0": None, "all_tokens": 0}
         self._nonfinite_in_row = 0
+        self._nonfinite_total = 0  # skipped steps of the whole run (kept in checkpoints), logged every step
         self._pending: dict[str, Any] = {}
         self.schedule = None
 
@@ -149,6 +154,11 @@ class FinLLM(L.LightningModule):
     def total_optimizer_steps(self) -> int:
         """Optimizer steps in this run: ceil(batches per epoch / accumulation) per epoch, capped by max_steps."""
         t = self.trainer
+        for key, value in (("trainer.max_steps", t.max_steps), ("trainer.max_epochs", t.max_epochs)):
+            if value == 0:
+                raise ConfigError(f"{key}=0: the run would train nothing; set it >= 1")
+        if (t.max_epochs is None or t.max_epochs < 0) and (t.max_steps is None or t.max_steps < 0):
+            raise ConfigError("set trainer.max_epochs or trainer.max_steps: the LR schedule needs the run's length")
         _ = t.estimated_stepping_batches  # makes the fit loop set up its data, so num_training_batches is known
         per_epoch = math.ceil(t.num_training_batches / self.hparams.accumulate_grad_batches)
         total = per_epoch * t.max_epochs if t.max_epochs and t.max_epochs > 0 else None
@@ -204,10 +214,14 @@ class FinLLM(L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             grad_norm = grad_norm / scaler.get_scale()
-        finite = bool(torch.isfinite(grad_norm)) and math.isfinite(loss_total)
-        if not finite and scaler is None:
+        loss_ok = math.isfinite(loss_total)
+        finite = bool(torch.isfinite(grad_norm)) and loss_ok
+        # fp16: inf gradients with a finite loss are the scaler's business (it skips the step and backs off);
+        # a non-finite loss is a fault the scaler cannot fix, and counts like any other.
+        if not loss_ok or (not finite and scaler is None):
             self._nonfinite_in_row += 1
-            self.log("train/nonfinite_steps", float(self._nonfinite_in_row))
+            self._nonfinite_total += 1
+            self.log("train/nonfinite_steps", float(self._nonfinite_total), rank_zero_only=True)
             rank_zero_warn(f"step {self.global_step}: non-finite loss or gradient; optimizer step skipped "
                            f"({self._nonfinite_in_row} in a row)")
             opt.zero_grad(set_to_none=True)
@@ -221,7 +235,10 @@ class FinLLM(L.LightningModule):
             return
         self._nonfinite_in_row = 0
         if self.hparams.gradient_clip_val > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+            # fp16: the gradients are still multiplied by the loss scale here (the scaler unscales them inside
+            # opt.step()), so the threshold is scaled too: clipping them at the bare value would clip every step.
+            clip = self.hparams.gradient_clip_val * (scaler.get_scale() if scaler is not None else 1.0)
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         lr = opt.param_groups[0]["lr"]
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -233,6 +250,7 @@ class FinLLM(L.LightningModule):
             "train/grad_norm": float(grad_norm),
             "train/tokens_per_s": all_tokens / elapsed,
             "train/supervised_tokens": tokens,
+            "train/nonfinite_steps": float(self._nonfinite_total),
         }, prog_bar=False, rank_zero_only=True)
         self.log("loss", loss_total / max(tokens, 1.0), prog_bar=True, logger=False, rank_zero_only=True)
         self.log("tok/s", all_tokens / elapsed, prog_bar=True, logger=False, rank_zero_only=True)
@@ -250,7 +268,7 @@ class FinLLM(L.LightningModule):
         loss, n = loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         self._val += torch.stack([loss.detach().double(), n.double()])
         scores = score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
-                              batch["label_mask"])
+                              batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0)
         keep = batch["gold"] >= 0
         if keep.any():
             self.metrics.update(scores.argmax(-1)[keep], batch["gold"][keep])
@@ -258,10 +276,12 @@ class FinLLM(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val, reduce_op="sum")
         val_loss = float(total[0] / total[1].clamp(min=1))
-        values = self.metrics.compute()
-        self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True)
+        values = self.metrics.compute()  # torchmetrics sums the states of all ranks (padding rows were never added)
+        # Already totals over all ranks, the same on each: sync_dist=True + rank_zero_only=True runs no collective
+        # and keeps Lightning from warning that epoch-level values should be synced.
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True, rank_zero_only=True)
         for k in ("accuracy", "f1_macro", "f1_weighted"):
-            self.log(f"val/{k}", float(values[k]), prog_bar=k == "f1_weighted", rank_zero_only=True)
+            self.log(f"val/{k}", float(values[k]), prog_bar=k == "f1_weighted", sync_dist=True, rank_zero_only=True)
         self.last_report = summarize(values, self.hparams.labels, {"val_loss": val_loss})
 
     # -- prediction: label scoring (default) or free-text generation -----------------------------------------------
@@ -269,7 +289,7 @@ class FinLLM(L.LightningModule):
         if self.hparams.predict_mode == "generate":
             return {"rows": batch["rows"], "texts": self._generate(batch["prompt_ids"], batch["prompt_mask"])}
         scores = score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
-                              batch["label_mask"])
+                              batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0)
         return {"rows": batch["rows"], "scores": scores.float().cpu()}
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -297,6 +317,7 @@ class FinLLM(L.LightningModule):
             "base_model": hp.model_name_or_path,
             "lora": {"r": hp.lora_r, "alpha": hp.lora_alpha, "target_modules": list(hp.lora_target_modules)},
             "world_size": self.trainer.world_size,
+            "nonfinite_steps": self._nonfinite_total,
             "rng": {"cpu": torch.get_rng_state()},
         }
         if torch.cuda.is_available():
@@ -324,6 +345,7 @@ class FinLLM(L.LightningModule):
                 f"{meta['lora']['target_modules']}, but this run is {hp.model_name_or_path} with r={hp.lora_r} on "
                 f"{list(hp.lora_target_modules)}; use the matching config"
             )
+        check_adapter_matches(path, checkpoint, self.hparams)  # same shapes, but another base model or LoRA scale
         if self._trainer is not None and self.trainer.training and meta.get("world_size", 1) != self.trainer.world_size:
             raise ModelError(
                 f"{path}: saved by a run on {meta['world_size']} process(es), resumed on {self.trainer.world_size}: "
@@ -339,6 +361,7 @@ class FinLLM(L.LightningModule):
             # before (a first run tokenizes, a second reads the cache): runs are reproducible, resumes exact.
             torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_rank)
             return
+        self._nonfinite_total = meta.get("nonfinite_steps", 0)
         rng = meta.get("rng", {})
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])

@@ -128,6 +128,8 @@ class PredictionWriter(BasePredictionWriter):
             raise DataError(f"{self.output}: folder {out_dir} does not exist; create it or set data.predict_output")
         if not os.access(out_dir, os.W_OK):
             raise DataError(f"{self.output}: folder {out_dir} is not writable; set data.predict_output elsewhere")
+        if os.path.isdir(self.output):
+            raise DataError(f"{self.output}: is a folder; set data.predict_output to a file path")
         self.rank, self.world = trainer.global_rank, trainer.world_size
         self.state = load_progress(self.output, self.rank, self.expect)
         part = part_path(self.output, self.rank)
@@ -162,6 +164,15 @@ class PredictionWriter(BasePredictionWriter):
         self.state.update(chunks=self.state["chunks"] + 1, bytes=self.state["bytes"] + len(data),
                           rows=self.state["rows"] + len(rows))
         _write_progress(self.output, self.rank, self.state)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A failed run keeps what it recorded (the same command resumes it) and removes a part it never used."""
+        file = getattr(self, "file", None)
+        if file is None or file.closed:
+            return
+        file.close()
+        if self.state["bytes"] == 0:
+            part_path(self.output, self.rank).unlink(missing_ok=True)
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self.file.close()
@@ -214,7 +225,7 @@ def prediction_report(output: str, labels: Sequence[str], block: int = 65536) ->
     labels = list(labels)
     index = {lab: i for i, lab in enumerate(labels)}
     k = len(labels)
-    metrics = label_metrics(k + 1)
+    metrics = label_metrics(k + 1, sync=False)  # rank 0 alone reads the merged file: no collective
     counts = {"rows": 0, "unparsed": 0, "without_gold": 0, "gold_outside_labels": 0}
     preds: list[int] = []
     golds: list[int] = []

@@ -27,6 +27,8 @@ import hashlib
 import json
 from typing import Any, Literal, Optional, Sequence
 
+from .errors import ConfigError, ModelError
+
 PromptStyle = Literal["auto", "chat", "plain"]
 ThinkPolicy = Literal["auto", "empty", "none"]
 
@@ -52,7 +54,7 @@ class PromptFormatter:
         if style == "auto":
             style = "chat" if has_template else "plain"
         if style == "chat" and not has_template:
-            raise ValueError(
+            raise ConfigError(
                 "data.prompt_style=chat but the tokenizer has no chat template; use data.prompt_style=plain"
             )
         self.style = style
@@ -62,7 +64,8 @@ class PromptFormatter:
         self.think = think
         self.system_prompt = system_prompt
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; answers must end with one so the model learns to stop")
+            raise ModelError("the tokenizer has no EOS token; answers must end with one so the model learns to stop "
+                             "(give it one: set eos_token in the model folder's tokenizer_config.json)")
         self.eos_id = int(tokenizer.eos_token_id)
         # Does this tokenizer add BOS by itself (and so does the model expect one)?
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -123,7 +126,7 @@ class PromptFormatter:
             if keep <= 0:
                 prompt = self.encode_prompt(instruction, "")
         if len(prompt) + len(answer) > max_length:
-            raise ValueError(
+            raise ConfigError(
                 f"instruction and answer alone need {len(prompt) + len(answer)} tokens, more than "
                 f"data.max_length={max_length}; raise data.max_length"
             )
@@ -133,7 +136,8 @@ class PromptFormatter:
         """Token ids of each label's full answer (label + EOS), as scored by label scoring."""
         seqs = [self.encode_answer(label) for label in labels]
         if len({tuple(s) for s in seqs}) != len(seqs):
-            raise ValueError(f"labels {list(labels)} do not tokenize to distinct sequences")
+            raise ConfigError(f"data.labels: {list(labels)} do not tokenize to distinct sequences; use labels that "
+                              "differ as words")
         return seqs
 
     # -- identity -----------------------------------------------------------------------------------------

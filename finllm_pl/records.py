@@ -17,10 +17,13 @@ An optional "id" (string or integer) is carried to the output; it must be unique
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
+
+import numpy as np
 
 from .errors import DataError
 
@@ -73,7 +76,8 @@ def _str_field(path: str, n: int, obj: dict, key: str, required: bool, allow_emp
         return None
     value = obj[key]
     if not isinstance(value, str):
-        raise DataError(f'{path}:{n}: field "{key}" must be a string, got {type(value).__name__} {json.dumps(value)[:40]}')
+        raise DataError(f'{path}:{n}: field "{key}" must be a string, got {type(value).__name__} {json.dumps(value)[:40]}; '
+                        'put the value in quotes')
     if not allow_empty and not value.strip():
         raise DataError(f'{path}:{n}: field "{key}" is empty; give it text or remove the row')
     return value
@@ -86,9 +90,11 @@ def _json_rows(path: str, instruction: str, need_output: bool) -> Iterator[tuple
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+            raise DataError(f"{path}:{n}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); "
+                            "fix or remove the line") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
+            raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}; make each line "
+                            'one {"text": ...} or {"instruction": ..., "input": ..., "output": ...} object')
         if "instruction" in obj or "output" in obj:
             row = {
                 "instruction": _str_field(path, n, obj, "instruction", True, allow_empty=False),
@@ -108,7 +114,8 @@ def _json_rows(path: str, instruction: str, need_output: bool) -> Iterator[tuple
             )
         if "id" in obj:
             if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
-                raise DataError(f'{path}:{n}: field "id" must be a string or an integer')
+                raise DataError(f'{path}:{n}: field "id" must be a string or an integer, got '
+                                f'{type(obj["id"]).__name__}; fix it or drop the id field')
             row["id"] = str(obj["id"])
         yield n, row
 
@@ -140,6 +147,44 @@ def _csv_rows(path: str, instruction: str, text_column: str, label_column: str, 
             yield n, row
 
 
+class _SeenIds:
+    """The ids met so far, for the duplicate check, at ~8 bytes per row: 64-bit digests in sorted numpy runs.
+
+    A set of a million id strings costs ~100 MB, which a labeling job over millions of rows cannot afford; this
+    costs 8 MB. Runs merge when they reach the size of the one before (log(n) runs, n log n work in all). A digest
+    match only means "maybe": the caller confirms it on the text before reporting a duplicate.
+    """
+
+    BLOCK = 1 << 16
+
+    def __init__(self) -> None:
+        self.recent: set[int] = set()
+        self.runs: list[np.ndarray] = []
+
+    @staticmethod
+    def digest(rid: str) -> int:
+        return int.from_bytes(hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+    def __contains__(self, digest: int) -> bool:
+        if digest in self.recent:
+            return True
+        d = np.uint64(digest)
+        for run in self.runs:
+            i = int(run.searchsorted(d))
+            if i < len(run) and run[i] == d:
+                return True
+        return False
+
+    def add(self, digest: int) -> None:
+        self.recent.add(digest)
+        if len(self.recent) >= self.BLOCK:
+            run = np.sort(np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
+            self.recent = set()
+            while self.runs and len(self.runs[-1]) <= len(run):
+                run = np.sort(np.concatenate([self.runs.pop(), run]))
+            self.runs.append(run)
+
+
 def iter_rows(
     path: str,
     instruction: str,
@@ -150,16 +195,19 @@ def iter_rows(
 ) -> Iterator[Row]:
     """Stream checked rows from `path`. `labels`: when given, every answer must be one of them."""
     fmt = file_format(path)
-    if fmt == "jsonl":
-        source = _json_rows(path, instruction, need_output)
-    elif fmt == "csv":
-        source = _csv_rows(path, instruction, text_column, label_column, need_output)
-    elif need_output:
+    if fmt == "text" and need_output:
         raise DataError(f"{path}: plain-text files have no answers; training and validation need .jsonl or .csv")
-    else:
-        source = ((n, {"instruction": instruction, "input": line.rstrip("\r\n"), "output": None})
-                  for n, line in _lines(path) if line.strip())
-    seen: set[str] = set()
+
+    def rows() -> Iterator[tuple[int, dict]]:
+        if fmt == "jsonl":
+            return _json_rows(path, instruction, need_output)
+        if fmt == "csv":
+            return _csv_rows(path, instruction, text_column, label_column, need_output)
+        return ((n, {"instruction": instruction, "input": line.rstrip("\r\n"), "output": None})
+                for n, line in _lines(path) if line.strip())
+
+    source = rows()
+    seen = _SeenIds()
     index = -1
     for index, (n, r) in enumerate(source):
         out = r["output"].strip() if r["output"] is not None else None
@@ -169,9 +217,13 @@ def iter_rows(
             )
         rid = r.get("id", str(index))
         if "id" in r:
-            if rid in seen:
-                raise DataError(f"{path}:{n}: duplicate id {rid!r}; ids must be unique (or drop the id field)")
-            seen.add(rid)
+            digest = seen.digest(rid)
+            if digest in seen:  # confirm on the text (a digest collision is not a duplicate): rare, so a rescan
+                first = next((m for m, other in rows() if m < n and other.get("id") == rid), None)
+                if first is not None:
+                    raise DataError(f"{path}:{n}: duplicate id {rid!r} (first at line {first}); ids must be unique "
+                                    "(or drop the id field)")
+            seen.add(digest)
         yield Row(index, n, rid, r["instruction"], r["input"], out)
     if index < 0:
         raise DataError(f"{path}: no rows (the file is empty); give it at least one row")

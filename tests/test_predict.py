@@ -232,3 +232,13 @@ def _export_rc(args):
     with pytest.raises(SystemExit) as e:
         main(["export", *args])
     return e.value.code
+
+
+def test_prefix_reuse_changes_nothing_but_speed(tmp_path, trained):
+    _, adapter, _ = trained
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
+    fast = _predict(inp, tmp_path / "fast.jsonl", ckpt=adapter)
+    plain = _predict(inp, tmp_path / "plain.jsonl", "--model.prefix_reuse", "false", ckpt=adapter)
+    assert [r["label"] for r in fast] == [r["label"] for r in plain]
+    assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(fast, plain) for k in a["probs"]) < 1e-5
