@@ -56,7 +56,9 @@ def _env() -> dict[str, str]:
 
 
 class Child:
-    """`python -m finllm_pl <args>` in `cwd`; reaped with wait4 so its peak RSS is known even after SIGKILL."""
+    """`python -m finllm_pl <args>` in `cwd`. `peak_rss_kb`: the highest VmHWM (peak resident set) sampled from
+    /proc while it ran and just before a kill. (wait4's ru_maxrss is no good here: at exec Linux folds the
+    parent's own peak into the child's, so a child of a big pytest process would report pytest's size.)"""
 
     def __init__(self, cwd: Path, args: list[str], log: Path) -> None:
         self.log = log
@@ -65,7 +67,7 @@ class Child:
         self.proc = subprocess.Popen([sys.executable, "-m", "finllm_pl", *args], cwd=cwd, env=_env(),
                                      stdout=self._log_file, stderr=subprocess.STDOUT)
         self.rc: Optional[int] = None
-        self.maxrss_kb = 0
+        self.peak_rss_kb = 0
         self.wall = 0.0
 
     @property
@@ -81,10 +83,18 @@ class Child:
         self._reaped(status, ru)
         return False
 
+    def sample_rss(self) -> None:
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.peak_rss_kb = max(self.peak_rss_kb, int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
     def _reaped(self, status, ru) -> None:
         self.rc = os.waitstatus_to_exitcode(status)
         self.proc.returncode = self.rc
-        self.maxrss_kb = ru.ru_maxrss
         self.wall = time.monotonic() - self.t0
         self._log_file.close()
 
@@ -113,6 +123,7 @@ class Child:
         os.kill(self.pid, signal.SIGCONT)
 
     def kill(self) -> None:
+        self.sample_rss()
         os.kill(self.pid, signal.SIGKILL)
         _, status, ru = os.wait4(self.pid, 0)
         self._reaped(status, ru)
@@ -206,16 +217,27 @@ class FitTiming:
     steps: int
 
 
-def _reference_fit(root: Path, args: list[str]) -> FitTiming:
+def _reference_fit(root: Path, args: list[str], in_process: bool = False) -> FitTiming:
+    """The uninterrupted run of the same command: a child process, or (to save a process start in the fast test)
+    cli_main in this process, which writes the same bytes (same code, threads and seeds)."""
     ws = _workspace(root)
-    child = Child(ws, args, ws / "fit.log")
     launched = time.time_ns()
-    rc = child.wait()
-    assert rc == 0, child.tail()
+    if in_process:
+        cwd = os.getcwd()
+        os.chdir(ws)
+        try:
+            cli_main(args)
+        finally:
+            os.chdir(cwd)
+        wall = (time.time_ns() - launched) / 1e9
+    else:
+        child = Child(ws, args, ws / "fit.log")
+        assert child.wait() == 0, child.tail()
+        wall = child.wall
     steps = _step_files(_listing(ws / "ck"))
     times = sorted((ws / "ck" / n).stat().st_mtime_ns for n in steps.values())
     return FitTiming(startup=(times[0] - launched) / 1e9, step=(times[-1] - times[0]) / 1e9 / max(1, len(times) - 1),
-                     wall=child.wall, steps=len(steps))
+                     wall=wall, steps=len(steps))
 
 
 @dataclass
@@ -321,8 +343,8 @@ def _fit_attempt(ws: Path, args: list[str], mode: str, rng: random.Random, timin
     return child
 
 
-def _fit_under_kills(tmp: Path, args: list[str], modes: list[str], seed: int) -> dict:
-    timing = _reference_fit(tmp / "reference", args)
+def _fit_under_kills(tmp: Path, args: list[str], modes: list[str], seed: int, in_process_reference=False) -> dict:
+    timing = _reference_fit(tmp / "reference", args, in_process_reference)
     ref_startup = timing.startup
     ws = _workspace(tmp / "killed")
     rng = random.Random(seed)
@@ -370,7 +392,7 @@ def _fit_under_kills(tmp: Path, args: list[str], modes: list[str], seed: int) ->
 
 def test_fit_survives_two_kills_in_checkpoint_writes(tmp_path, tiny_dir):
     """Fast variant: one kill inside a checkpoint write, one between a step checkpoint and last.ckpt."""
-    figures = _fit_under_kills(tmp_path, _fit_args(1, 12), ["save", "between"], seed=1)
+    figures = _fit_under_kills(tmp_path, _fit_args(1, 12), ["save", "between"], seed=1, in_process_reference=True)
     _report("fit_kills_fast", figures)
     assert figures["kills_survived"] == figures["kills_tried"] == 2
     assert figures["landed_in_checkpoint_write"] >= 1 and figures["landed_between_step_checkpoint_and_last"] >= 1
@@ -454,6 +476,7 @@ def _label_under_kills(ws: Path, n: int, kills: int, chunk_rows: int, seed: int)
         delay_after = rng.uniform(0.0, 1.0)
         armed_at = None
         while child.alive():
+            child.sample_rss()
             if target is not None:
                 prog = _progress(ws)
                 if armed_at is None and (prog or {}).get("rows", 0) >= target:
@@ -467,7 +490,7 @@ def _label_under_kills(ws: Path, n: int, kills: int, chunk_rows: int, seed: int)
                 child.kill()
                 raise AssertionError(f"labeling attempt {k} ran over an hour:\n{child.tail()}")
             time.sleep(0.01)
-        peaks.append(child.maxrss_kb)
+        peaks.append(child.peak_rss_kb)
         walls.append(child.wall)
         if k < kills:
             assert killed, f"kill {k} never landed (target {target} rows): the job finished first\n{child.tail()}"
@@ -508,13 +531,16 @@ def test_labeling_a_million_rows_survives_five_kills_in_bounded_memory(tmp_path,
     _write_input(base_ws / "in.jsonl", 100_000)
     (base_ws / "out").mkdir()
     base = Child(base_ws, _predict_args(4096), base_ws / "run.log")
-    assert base.wait(3600) == 0, base.tail()
+    while base.alive():
+        base.sample_rss()
+        time.sleep(0.01)
+    assert base.rc == 0, base.tail()
     base_check = _check_output(base_ws / "out" / "labels.jsonl", 100_000)
     assert base_check["rows_lost"] == base_check["rows_duplicated"] == base_check["rows_out_of_order"] == 0
 
     ws = _workspace(tmp_path / "job")
     figures = _label_under_kills(ws, 1_000_000, kills=5, chunk_rows=4096, seed=5)
-    figures["baseline_100k_peak_rss_mb"] = round(base.maxrss_kb / 1024, 1)
+    figures["baseline_100k_peak_rss_mb"] = round(base.peak_rss_kb / 1024, 1)
     figures["baseline_100k_wall_s"] = round(base.wall, 1)
     figures["rows_per_s_100k_incl_startup"] = round(100_000 / base.wall, 1)
     _report("predict_kills_slow", figures)
@@ -541,6 +567,7 @@ def _predict_in_process(ws: Path, *extra: str) -> list[dict]:
 def test_labeling_recovers_when_killed_after_a_part_write_before_its_progress_record(tmp_path, monkeypatch):
     import finllm_pl.predict as predict
 
+    monkeypatch.chdir(tmp_path)  # whatever the run writes beside its output stays in the test's folder
     _write_input(tmp_path / "in.jsonl", 23)
     (tmp_path / "out").mkdir()
     want = _predict_in_process(tmp_path)
@@ -559,13 +586,14 @@ def test_labeling_recovers_when_killed_after_a_part_write_before_its_progress_re
         _predict_in_process(tmp_path)
     part, prog = tmp_path / "out" / "labels.jsonl.part0", _progress(tmp_path)
     assert prog["chunks"] == 1 and part.stat().st_size > prog["bytes"]  # more bytes than recorded
-    monkeypatch.undo()
+    monkeypatch.setattr(predict, "_write_progress", real)  # (not monkeypatch.undo(): it would undo the chdir too)
     got = _predict_in_process(tmp_path)
     assert got == want
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["labels.jsonl"]
 
 
 def test_labeling_recovers_when_killed_between_the_final_rename_and_the_cleanup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     _write_input(tmp_path / "in.jsonl", 12)
     (tmp_path / "out").mkdir()
     real_unlink = Path.unlink
@@ -578,7 +606,7 @@ def test_labeling_recovers_when_killed_between_the_final_rename_and_the_cleanup(
     monkeypatch.setattr(Path, "unlink", crash_on_progress_cleanup)
     with pytest.raises(_Crash):
         _predict_in_process(tmp_path)
-    monkeypatch.undo()
+    monkeypatch.setattr(Path, "unlink", real_unlink)
     out = tmp_path / "out"
     assert (out / "labels.jsonl").exists() and (out / "labels.jsonl.part0.json").exists()
     first = (out / "labels.jsonl").read_text()
