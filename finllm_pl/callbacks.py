@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .errors import ConfigError, ModelError
 from .metrics import write_report
+from .model import load_checkpoint_file  # noqa: F401  (plain torch; re-exported for the CLI and tests)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -72,22 +73,6 @@ class StepCheckpoint(ModelCheckpoint):
     @property
     def state_key(self) -> str:
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
-
-
-def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such checkpoint file; check --ckpt_path (or use 'last')")
-    try:
-        ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=True)
-    except Exception as e:  # truncated, garbage, or a pickle that would run code (refused by weights_only)
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise ModelError(
-            f"{path}: checkpoint is corrupted or not a checkpoint ({why}); "
-            "resume from another one (checkpoints/<run>/*.ckpt)"
-        ) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ModelError(f"{path}: not a Lightning checkpoint (no state_dict); give a .ckpt written by fit")
-    return ckpt
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import shutil
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,11 +41,8 @@ def prompt_record(formatter: PromptFormatter, data_hp: dict[str, Any], model_hp:
 
 
 def _read_ckpt(path: str) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise ModelError(f"{path}: checkpoint is corrupted or not a checkpoint ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or "finllm" not in ckpt or "hyper_parameters" not in ckpt:
+    ckpt = hf.load_checkpoint_file(path)
+    if "finllm" not in ckpt or "hyper_parameters" not in ckpt:
         raise ModelError(f"{path}: not a finllm_pl checkpoint; give a .ckpt that `fit` wrote or an adapter folder")
     return ckpt
 

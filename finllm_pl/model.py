@@ -229,6 +229,23 @@ def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Op
     return target
 
 
+def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """A Lightning checkpoint read with weights_only=True (no code runs), or a one-line ModelError."""
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such checkpoint file; check --ckpt_path (or use 'last')")
+    try:
+        ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, or a pickle that would run code (refused by weights_only)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ModelError(
+            f"{path}: checkpoint is corrupted or not a checkpoint ({why}); "
+            "resume from another one (checkpoints/<run>/*.ckpt)"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ModelError(f"{path}: not a Lightning checkpoint (no state_dict); give a .ckpt written by fit")
+    return ckpt
+
+
 def read_prompt_format(folder: str) -> Optional[dict]:
     path = Path(folder) / PROMPT_FILE
     return json.loads(path.read_text()) if path.exists() else None
