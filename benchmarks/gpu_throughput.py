@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GPU machine reaches no network; never wait on the hub
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...` from the repo root
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 # transformers 5.2x renamed gradient_checkpointing_* (peft and the project still call the old names): log noise only
 warnings.filterwarnings("ignore", message=r".*checkpointing.* is deprecated", category=FutureWarning)
 
@@ -49,6 +51,8 @@ from finllm_pl.data import LengthGroupedBatchSampler, collate_prompts, collate_t
 from finllm_pl.model import add_lora, load_base_model, split_head  # noqa: E402
 from finllm_pl.prompts import DEFAULT_INSTRUCTION, DEFAULT_LABELS, PromptFormatter  # noqa: E402
 from finllm_pl.scoring import common_prefix_length, loss_sum, score_labels  # noqa: E402
+
+from cache_scoring import score_labels_cache  # noqa: E402  (benchmarks/: the previous method, a baseline)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MIN_PREFIX = 8  # score_labels' default threshold for shared-prefix reuse
@@ -69,6 +73,8 @@ class Variant:
     compile: bool = False
     dropout: bool = True  # LoRA dropout 0.05 (the recipe); False = LoRA dropout modules replaced by Identity
     precision: str = "autocast"  # "autocast": bf16 autocast, fp32 LoRA weights; "bf16": LoRA weights bf16, no autocast
+    cudnn: bool = True  # SDPA may pick cuDNN attention (which plans per new shape); False: flash/efficient only
+    pad_multiple: int = 1  # right-pad each micro-batch to a multiple of this (fewer distinct shapes)
     note: str = ""
 
 
@@ -95,6 +101,9 @@ def variants(eff: int) -> list[Variant]:
                 note="LoRA weights + AdamW in bf16, no autocast (changes the recipe)"),
         Variant(f"project_m{m2}_nodrop_bf16", m2, 1, False, "sparse", True, dropout=False, precision="bf16",
                 note=f"levers combined: batch {m2}, dropout 0, bf16 (changes the recipe)"),
+        Variant("project_nocudnn", eff, 1, False, "sparse", True, cudnn=False, note="cuDNN attention off"),
+        Variant("project_pad32", eff, 1, False, "sparse", True, pad_multiple=32,
+                note="micro-batches padded to a multiple of 32 tokens"),
         Variant("project_again", eff, 1, False, "sparse", True, note="`project` again, late: order effects"),
         Variant("project_compile", eff, 1, False, "sparse", True, compile=True, note="torch.compile per decoder layer"),
     ]
@@ -249,6 +258,18 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, folder: st
     return model, {"build_save_s": t1 - t0, "load_s": t2 - t1, "trainable_params": n_train, "config": cfg.to_dict()}
 
 
+def build_merged(model, folder: str, device, dtype):
+    """What `python -m finllm_pl export --merged` (merge-into trained) gives, in memory: the NF4 base dequantized
+    (the exact values training used), the adapter folded in, bf16. Labels like the adapter on the NF4 base."""
+    base = load_base_model(folder, "nf4", torch.float32, device if device.type == "cuda" else torch.device("cpu"))
+    base = base.dequantize()
+    peft_model = add_lora(base, r=4, alpha=8, dropout=0.05, target_modules=TARGETS)
+    peft_model.load_state_dict({n: p for n, p in model.state_dict().items() if "lora_" in n}, strict=False)
+    merged = peft_model.merge_and_unload().to(dtype).eval()
+    merged.config.use_cache = False
+    return merged
+
+
 def set_checkpointing(model, on: bool) -> None:
     base = model.get_base_model()
     if on:
@@ -337,6 +358,8 @@ def run_train(v: Variant, model, rows, subset, args, device, dtype, init_state, 
     """Times `args.steps` optimizer steps after a warm-up. profile=True: 1 warm-up step, then args.profile_steps
     steps under torch.profiler (numbers in res["profile"]; the timing of a profiled run is not a result)."""
     cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(v.cudnn)
     steps = min(args.steps, args.baseline_steps) if v.name == "baseline" else args.steps
     warmup = args.compile_warmup if v.compile else (1 if v.name == "baseline" else args.warmup)
     if profile:
@@ -366,6 +389,11 @@ def run_train(v: Variant, model, rows, subset, args, device, dtype, init_state, 
     sub_lengths = [rows[i]["length"] for i in subset]
     sampler = LengthGroupedBatchSampler(sub_lengths, v.micro, seed=args.seed, group_by_length=v.grouped)
     batches = [collate_train([rows[subset[j]] for j in b], args.pad_id) for b in sampler]
+    for b in batches:
+        extra = -b["input_ids"].shape[1] % v.pad_multiple
+        if extra:  # padding on the right: masked, unsupervised, so the loss does not change
+            for k, val in (("input_ids", args.pad_id), ("attention_mask", 0), ("labels", -100)):
+                b[k] = torch.nn.functional.pad(b[k], (0, extra), value=val)
     need = (warmup + steps) * v.accum
     batches = (batches * math.ceil(need / len(batches)))[:need]  # cycle only if the subset is too small
     use_autocast = cuda and dtype != torch.float32 and v.precision == "autocast"
@@ -450,6 +478,8 @@ def run_train(v: Variant, model, rows, subset, args, device, dtype, init_state, 
 
 
 def cleanup_train(model, v: Variant, device, init_state, args) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(True)
     if v.compile:
         for layer in layers_of(model):
             layer._compiled_call_impl = None  # undo Module.compile so later variants and labeling run eager
@@ -470,25 +500,52 @@ def cleanup_train(model, v: Variant, device, init_state, args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Labeling
 # ---------------------------------------------------------------------------------------------------------
-def label_batches(prompts, batch: int, gen: bool, pad_id: int, label_ids):
+LABEL_JOB = re.compile(r"(score|cache|generate)_b(\d+)(_prefix)?(_nomemo)?(_nocudnn)?(_merged)?(_compile)?(?:_pad(\d+))?$")
+
+
+def label_spec(name: str) -> dict:
+    """score|cache|generate _b<batch> [_prefix] [_nomemo] [_nocudnn] [_merged] [_compile] [_pad<N>]: method (score = the
+    project's one-pass label tree, cache = the previous per-label KV-cache repeat), batch, shared-prefix reuse,
+    no prefix cache kept between batches, cuDNN attention off, the merged bf16 model (export --merged) instead of
+    NF4 + LoRA, torch.compile per decoder layer (dynamic shapes; compiled during the warm-up, whose time is
+    reported), and prompt lengths padded up to a multiple of N (fewer distinct shapes)."""
+    m = LABEL_JOB.match(name)
+    if not m:
+        raise ValueError(f"labeling job {name!r}: expected e.g. score_b512_prefix, cache_b512_prefix_nocudnn_pad16")
+    return {"method": m[1], "batch": int(m[2]), "prefix": bool(m[3]) and m[1] != "generate",
+            "memo": m[1] == "score" and not m[4], "cudnn": not m[5], "merged": bool(m[6]), "compile": bool(m[7]),
+            "pad_multiple": int(m[8] or 1)}
+
+
+def label_batches(prompts, batch: int, gen: bool, pad_id: int, label_ids, pad_multiple: int = 1):
     """(batches, order): score_labels' batches are sorted by length (a batch pads to nearly its own length);
     `order[j]` is the index into `prompts` of the j-th row fed, so outputs can be put back in input order."""
     order = list(range(len(prompts))) if gen else sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    return [collate_prompts([prompts[i] for i in order[s:s + batch]], pad_id, label_ids)
-            for s in range(0, len(order), batch)], order
+    batches = [collate_prompts([prompts[i] for i in order[s:s + batch]], pad_id, label_ids)
+               for s in range(0, len(order), batch)]
+    for b in batches:  # extra left padding up to a multiple (masked: the scores do not change)
+        extra = -b["prompt_ids"].shape[1] % pad_multiple
+        if extra:
+            b["prompt_ids"] = torch.nn.functional.pad(b["prompt_ids"], (extra, 0), value=pad_id)
+            b["prompt_mask"] = torch.nn.functional.pad(b["prompt_mask"], (extra, 0), value=0)
+    return batches, order
 
 
-def run_label(name: str, model, prompts, label_ids, batch: int, prefix: bool, args, device, dtype,
-              profile: bool = False) -> dict:
-    """rows/s of one labeling method over `prompts`. Scoring keeps the label probabilities (res["_probs"], input
-    order) so the prefix and plain paths can be compared; generate stops after --gen-budget seconds of batches."""
+def run_label(name: str, model, prompts, label_ids, args, device, dtype, profile: bool = False) -> dict:
+    """rows/s of one labeling job (see `label_spec`) over `prompts`. Scoring keeps the label probabilities
+    (res["_probs"], input order) so methods can be compared; generate stops after --gen-budget seconds of batches.
+    With --label-passes 2 the rows are labeled twice and the second pass is the result (every shape seen once:
+    what a long predict job sees), the first pass's rows/s kept as rows_s_first_pass."""
     cuda = device.type == "cuda"
+    spec = label_spec(name)
+    batch, prefix, gen = spec["batch"], spec["prefix"], spec["method"] == "generate"
     autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else nullcontext()
-    gen = name.startswith("generate")
-    batches, order = label_batches(prompts, batch, gen, args.pad_id, label_ids)
+    batches, order = label_batches(prompts, batch, gen, args.pad_id, label_ids, spec["pad_multiple"])
     min_prefix = MIN_PREFIX if prefix else 0
+    scorer = score_labels_cache if spec["method"] == "cache" else score_labels
+    memo = {} if spec["memo"] else None  # one memo per job and pass, as predict keeps one per run
     model.eval()
-    res: dict = {"name": name, "batch": batch, "prefix_reuse": prefix and not gen}
+    res: dict = {"name": name, **spec, "prefix_reuse": prefix}
     if not gen:  # what the prefix path skips (computed on the CPU copies, before timing)
         shared = [common_prefix_length(b["prompt_ids"], b["prompt_mask"]) for b in batches]
         used = [P if (prefix and P >= MIN_PREFIX and len(b["prompt_ids"]) > 1) else 0 for P, b in zip(shared, batches)]
@@ -497,35 +554,71 @@ def run_label(name: str, model, prompts, label_ids, batch: int, prefix: bool, ar
                     "computed_prompt_tokens": sum(u + b["prompt_ids"].shape[0] * (b["prompt_ids"].shape[1] - u)
                                                   for u, b in zip(used, batches))})
 
+    def reset_memo():
+        if memo is not None:
+            memo.clear()
+
     def one(b, new_tokens=args.gen_tokens):
         ids, mask = b["prompt_ids"].to(device), b["prompt_mask"].to(device)
         if gen:  # the tutorial's way: greedy decoding of a few tokens, answer parsed from the text afterwards
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                  use_cache=True, pad_token_id=args.pad_id, eos_token_id=args.eos_id)
             return out.shape[1] - ids.shape[1]
-        return score_labels(model, ids, mask, b["label_ids"].to(device), b["label_mask"].to(device),
-                            min_prefix=min_prefix)
+        extra = {"prefix_memo": memo} if memo is not None else {}
+        return scorer(model, ids, mask, b["label_ids"].to(device), b["label_mask"].to(device), min_prefix=min_prefix,
+                      **extra)
 
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(spec["cudnn"])
+    if spec["compile"]:
+        for layer in layers_of(model):
+            layer.compile(dynamic=True)
+    try:
+        return _timed_label(res, one, reset_memo, batches, order, prompts, label_ids, args, device, autocast, gen,
+                            profile)
+    finally:
+        if spec["compile"]:
+            import torch._dynamo as dynamo
+
+            for layer in layers_of(model):
+                layer._compiled_call_impl = None
+            dynamo.reset()
+        if cuda:
+            torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+def _timed_label(res, one, reset_memo, batches, order, prompts, label_ids, args, device, autocast, gen, profile):
+    """The warm-up (compiling, for a compiled job), then --label-passes timed passes over all batches."""
     with torch.no_grad(), autocast:
+        t_warm = time.perf_counter()
         for b in sorted(batches, key=lambda b: -b["prompt_ids"].numel())[:2]:  # warm-up: the 2 largest batches
             one(b, 2)
         sync(device)
+        res["warmup_s"] = time.perf_counter() - t_warm
         if profile:  # 2 middle batches under the profiler, then done (a profiled run times nothing)
             mid = len(batches) // 2
             with maybe_profile(True, device, res):
                 for b in batches[max(0, mid - 1): mid + 1]:
                     one(b)
             return res
-        t0 = time.perf_counter()
-        outs, done = [], 0
-        for b in batches:
-            o = one(b)
-            outs.append(o if gen else o.float().softmax(-1).cpu())  # .cpu() syncs: part of the cost, as in predict
-            done += len(b["prompt_ids"])
-            if gen and time.perf_counter() - t0 > args.gen_budget:
+        firsts = []
+        for _ in range(args.label_passes):
+            reset_memo()  # each pass starts like a fresh predict run
+            t0 = time.perf_counter()
+            outs, done = [], 0
+            for b in batches:
+                o = one(b)
+                outs.append(o if gen else o.float().softmax(-1).cpu())  # .cpu() syncs: part of the cost, as in predict
+                done += len(b["prompt_ids"])
+                if gen and time.perf_counter() - t0 > args.gen_budget:
+                    break
+            sync(device)
+            t = time.perf_counter() - t0
+            firsts.append(done / t)
+            if gen:
                 break
-        sync(device)
-        t = time.perf_counter() - t0
+    if len(firsts) > 1:
+        res["rows_s_first_pass"] = firsts[0]
     res.update({"rows": done, "seconds": t, "rows_s": done / t,
                 "mean_prompt_tokens": sum(len(prompts[i]) for i in order[:done]) / done,
                 "padded_prompt_tokens": sum(b["prompt_ids"].numel() for b in batches[:len(outs)])})
@@ -535,7 +628,7 @@ def run_label(name: str, model, prompts, label_ids, batch: int, prefix: bool, ar
         probs = torch.empty(len(prompts), len(label_ids))
         probs[torch.tensor(order)] = torch.cat(outs)
         res["_probs"] = probs
-    log(f"  {name}: {done} rows in {t:.2f}s = {res['rows_s']:.1f} rows/s")
+    log(f"  {res['name']}: {done} rows in {t:.2f}s = {res['rows_s']:.1f} rows/s (warm-up {res['warmup_s']:.1f}s)")
     return res
 
 
@@ -568,19 +661,21 @@ def tables(results: dict) -> str:
                "median step: the same from the median step (robust to a recompile or an allocator stall; "
                "step_times in the JSON); x baseline = baseline s/epoch / this s/epoch (higher is faster). Loss: random weights, ~ln(vocab); "
                "compare losses of variants with the same effective batch and recipe.")
-    out += ["", "| labeling | batch | prefix reuse | mean shared prefix | rows | rows/s | peak GiB | x generate | "
-                "label agreement | max prob diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["", "| labeling | method | batch | prefix reuse | cuDNN attn | pad to | rows | rows/s | rows/s 1st pass | "
+                "peak GiB | x generate | label agreement | max prob diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["label"]:
         if "error" in r or "skipped" in r:
             why = f"failed: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
-            out.append(f"| {r['name']} | {r.get('batch', '-')} | {why[:100].replace('|', '/')} ||||||||")
+            out.append(f"| {r['name']} | {r.get('method', '-')} | {r.get('batch', '-')} | {why[:100].replace('|', '/')} ||||||||||")
             continue
-        out.append(f"| {r['name']} | {r['batch']} | {'on' if r.get('prefix_reuse') else 'off'} | "
-                   f"{fmt(r.get('mean_shared_prefix'), '.1f')} | {r['rows']} | {r['rows_s']:,.1f} | "
+        out.append(f"| {r['name']} | {r['method']} | {r['batch']} | {'on' if r.get('prefix_reuse') else 'off'} | "
+                   f"{'on' if r.get('cudnn', True) else 'off'} | {r.get('pad_multiple', 1)} | {r['rows']} | "
+                   f"{r['rows_s']:,.1f} | {fmt(r.get('rows_s_first_pass'), ',.1f')} | "
                    f"{fmt(r.get('peak_gib'), '.2f')} | {fmt(r.get('x_generate'), '.1f')} | "
                    f"{fmt(r.get('label_agreement'), '.4f')} | {fmt(r.get('max_prob_diff'), '.2e')} |")
-    out.append("\nlabel agreement / max prob diff: a prefix-reuse run against the plain run of the same batch size "
-               "(else the first plain run: `compared_with` in the JSON), same rows (argmax equal; largest |p - p'| "
+    out.append("\nmethod: score = one pass over prompt + label tree (the project's), cache = the previous per-label "
+               "KV-cache repeat. label agreement / max prob diff: against the first scoring job of the run "
+               "(`compared_with` in the JSON), same rows (argmax equal; largest |p - p'| "
                "over rows and labels). generate: the same rows in input order, stopped after --gen-budget seconds.")
     return "\n".join(out)
 
@@ -607,6 +702,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-budget", type=float, default=None,
                     help="generate stops after this many seconds of batches (same rows, fewer of them; default 20; tiny 10)")
     ap.add_argument("--gen-tokens", type=int, default=8)
+    ap.add_argument("--label-jobs", default=None, help="comma list of labeling jobs, the first scoring one being the "
+                    "reference for label agreement: (score|cache|generate)_b<batch>[_prefix][_nocudnn][_pad<N>]; "
+                    "score = the project's one-pass label tree, cache = the previous per-label cache repeat")
+    ap.add_argument("--label-passes", type=int, default=1, help="label the rows this many times, report the last pass")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--variant-budget", type=float, default=45.0, help="stop timing a variant after this many timed seconds")
     ap.add_argument("--variant-timeout", type=float, default=120.0, help="hard cap per variant (SIGALRM), 0 = none")
@@ -626,16 +725,24 @@ def main(argv=None) -> int:
     args.gen_budget = args.gen_budget if args.gen_budget is not None else (10.0 if tiny else 60.0 if on_cpu else 20.0)
     args.saved_dropouts = {}
     eff = 4 if tiny else 32
-    label_batch_sizes = (16, 32) if tiny else (8, 16) if on_cpu else (256, 512)
-    big_label_batch = 64 if tiny else 32 if on_cpu else 1024
+    b1, b2, b3 = (16, 32, 64) if tiny else (8, 16, 32) if on_cpu else (256, 512, 1024)
     gen_batch = 8 if on_cpu else 64
+    # The first scoring job is the reference the others' labels are compared with: the previous exact method.
+    label_jobs = [j.strip() for j in (args.label_jobs or (
+        f"cache_b{b2},cache_b{b2}_prefix,score_b{b1},score_b{b1}_prefix,score_b{b2},score_b{b2}_prefix,"
+        f"score_b{b3}_prefix,generate_b{gen_batch}")).split(",") if j.strip()]
+    for j in label_jobs:
+        try:
+            label_spec(j)
+        except ValueError as e:
+            log(f"--label-jobs: {e}")
+            return 2
     pats = [p.strip() for p in (args.variants or "*").split(",") if p.strip()]
     skip = {"project_compile"} if tiny and args.variants is None else set()
     wanted = lambda name: name not in skip and any(fnmatch.fnmatch(name, p) for p in pats)  # noqa: E731
     profile_names = {p.strip() for p in args.profile.split(",") if p.strip()}
     all_train = variants(eff)
-    unknown = profile_names - {v.name for v in all_train} - \
-        {f"score_b{b}{s}" for b in (*label_batch_sizes, big_label_batch) for s in ("", "_prefix")} - {f"generate_b{gen_batch}"}
+    unknown = profile_names - {v.name for v in all_train} - set(label_jobs)
     if unknown:
         log(f"--profile: unknown variant(s) {sorted(unknown)}")
         return 2
@@ -678,8 +785,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
 
     try:
-        with tempfile.TemporaryDirectory(prefix="finllm_bench_") as folder:
-            model, info = build_model(tiny, device, dtype, folder)
+        folder_cm = tempfile.TemporaryDirectory(prefix="finllm_bench_")  # kept until the end: `_merged` reloads it
+        model, info = build_model(tiny, device, dtype, folder_cm.name)
     except Exception as e:  # nothing can be measured without the model: say why in the results file too
         results["error"] = f"model build/load failed: {type(e).__name__}: {e}"[:1000]
         write_json(out, results)
@@ -762,23 +869,25 @@ def main(argv=None) -> int:
 
     # 3. labeling: score with and without the shared prefix, same rows; generate as the baseline
     label_ids = formatter.encode_labels(list(DEFAULT_LABELS))
-    pick = seeded_subset(len(rows), args.label_rows, args.seed + 1)
+    pick = seeded_subset(len(rows), min(args.label_rows, len(rows)), args.seed + 1)
     prompts = [rows[i]["input_ids"][: rows[i]["prompt_len"]] for i in pick]  # == formatter.encode_prompt(...)
-    label_jobs = [(f"score_b{b}{s}", b, s == "_prefix") for b in label_batch_sizes for s in ("", "_prefix")]
-    label_jobs += [(f"score_b{big_label_batch}_prefix", big_label_batch, True), (f"generate_b{gen_batch}", gen_batch, False)]
-    probs = {}
-    for name, batch, prefix in label_jobs:
+    probs, merged = {}, None
+    for name in label_jobs:
         if not wanted(name):
             continue
         log(f"== {name}")
-        res = guarded({"name": name, "batch": batch, "prefix_reuse": prefix},
-                      lambda: run_label(name, model, prompts, label_ids, batch, prefix, args, device, dtype),
-                      args.variant_timeout)
+        if label_spec(name)["merged"] and merged is None:
+            t0 = time.perf_counter()
+            merged = build_merged(model, folder_cm.name, device, dtype)
+            results["merged_build_s"] = time.perf_counter() - t0
+            log(f"  merged bf16 model built in {results['merged_build_s']:.1f}s")
+        m = merged if label_spec(name)["merged"] else model
+        res = guarded({"name": name, **label_spec(name)},
+                      lambda: run_label(name, m, prompts, label_ids, args, device, dtype), args.variant_timeout)
         if "_probs" in res:
             probs[name] = res.pop("_probs")
-            plain = name[: -len("_prefix")] if prefix else None
-            ref = plain if plain in probs else next((k for k in probs if not k.endswith("_prefix")), None)
-            if prefix and ref is not None:
+            ref = next(iter(probs))  # the first scoring job of the run is the reference of all the others
+            if ref != name:
                 res.update(agreement(probs[name], probs[ref]), compared_with=ref)
                 log(f"  {name} vs {ref}: label agreement {res['label_agreement']:.4f}, max prob diff "
                     f"{res['max_prob_diff']:.2e}")
@@ -788,8 +897,8 @@ def main(argv=None) -> int:
         write_json(out, results)
         if name in profile_names and "error" not in res and "skipped" not in res:
             log(f"== profile {name}: 2 batches under torch.profiler")
-            pres = guarded({"name": name}, lambda: run_label(name, model, prompts, label_ids, batch, prefix, args,
-                                                             device, dtype, profile=True), args.variant_timeout)
+            pres = guarded({"name": name}, lambda: run_label(name, m, prompts, label_ids, args, device, dtype,
+                                                             profile=True), args.variant_timeout)
             record_profile(name, pres)
 
     # 4. the slow one last: torch.compile (what is left of the budget)

@@ -58,7 +58,8 @@ def adapter_from_checkpoint(ckpt_path: str, out_dir: str) -> Path:
     base = hf.load_base_model(mhp["model_name_or_path"], "none", torch.float32,
                               trust_remote_code=mhp["trust_remote_code"])
     peft_model = hf.add_lora(base, mhp["lora_r"], mhp["lora_alpha"], mhp["lora_dropout"],
-                             mhp["lora_target_modules"], gradient_checkpointing=False)
+                             mhp["lora_target_modules"], gradient_checkpointing=False,
+                             use_dora=mhp.get("use_dora", False))  # absent from checkpoints older than the option
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     missing = {n for n, p in peft_model.named_parameters() if p.requires_grad} - set(state)
     if missing or len(state) != len(ckpt["state_dict"]):

@@ -137,7 +137,7 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequence[str],
-             gradient_checkpointing: bool = False):
+             gradient_checkpointing: bool = False, use_dora: bool = False):
     """Wrap `model` with a fresh LoRA adapter; only the adapter is trainable."""
     from peft import LoraConfig, get_peft_model
 
@@ -158,7 +158,7 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequence
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        bias="none", task_type="CAUSAL_LM")
+                        bias="none", task_type="CAUSAL_LM", use_dora=use_dora)
     return get_peft_model(model, config)
 
 

@@ -52,6 +52,7 @@ class FinLLM(L.LightningModule):
         lora_alpha: int = 8,
         lora_dropout: float = 0.05,
         lora_target_modules: list[str] = list(DEFAULT_TARGETS),
+        use_dora: bool = False,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
@@ -79,6 +80,7 @@ class FinLLM(L.LightningModule):
             lora_alpha: LoRA scaling numerator (scale = alpha / r).
             lora_dropout: dropout on the LoRA input.
             lora_target_modules: linear layers that get LoRA (short names, e.g. q_proj).
+            use_dora: DoRA (peft): LoRA on the direction plus a learned magnitude per output; slower steps.
             learning_rate: peak AdamW learning rate.
             weight_decay: AdamW weight decay.
             warmup_steps: linear warmup length in optimizer steps.
@@ -105,6 +107,7 @@ class FinLLM(L.LightningModule):
         if learning_rate <= 0:
             raise ConfigError(f"model.learning_rate must be > 0, got {learning_rate}")
         self.save_hyperparameters()
+        self._prefix_memo: dict = {}  # label scoring's prefix KV caches, emptied at each validation/predict start
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks its keys
         self.model = None
@@ -139,7 +142,7 @@ class FinLLM(L.LightningModule):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))
                 model = hf.add_lora(base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
-                                    hp.gradient_checkpointing)
+                                    hp.gradient_checkpointing, use_dora=hp.use_dora)
         model.train()  # from_pretrained returns eval mode: LoRA dropout would silently be off in training
         self.model = model
         self.metrics = label_metrics(len(hp.labels)).to(device)
@@ -263,12 +266,20 @@ class FinLLM(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.metrics.reset()
+        self._prefix_memo = {}  # prefix KV caches of this run only: training changes the adapter between runs
+
+    def on_predict_epoch_start(self) -> None:
+        self._prefix_memo = {}
+
+    def _score(self, batch: dict[str, Any]) -> torch.Tensor:
+        return score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
+                            batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0,
+                            prefix_memo=self._prefix_memo)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n = loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         self._val += torch.stack([loss.detach().double(), n.double()])
-        scores = score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
-                              batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0)
+        scores = self._score(batch)
         keep = batch["gold"] >= 0
         if keep.any():
             self.metrics.update(scores.argmax(-1)[keep], batch["gold"][keep])
@@ -288,9 +299,7 @@ class FinLLM(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if self.hparams.predict_mode == "generate":
             return {"rows": batch["rows"], "texts": self._generate(batch["prompt_ids"], batch["prompt_mask"])}
-        scores = score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
-                              batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0)
-        return {"rows": batch["rows"], "scores": scores.float().cpu()}
+        return {"rows": batch["rows"], "scores": self._score(batch).float().cpu()}
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         """Greedy answers (prompts are left-padded, so every row's answer starts in the same column)."""

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import inspect
 from functools import lru_cache
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from .model import split_head
 
@@ -77,67 +79,100 @@ def common_prefix_length(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) ->
     return int(torch.minimum(shared, n.min() - 1).clamp(min=0))  # one device sync
 
 
-def _prompt_pass(decoder, prompt_ids, prompt_mask, use_cache: bool):
-    """Plain path: the whole padded prompt batch in one forward. (last hidden [B, H], cache, cache's mask)."""
-    out = _decoder_call(decoder, input_ids=prompt_ids, attention_mask=prompt_mask,
-                        position_ids=_positions(prompt_mask), use_cache=use_cache)
-    return out.last_hidden_state[:, -1], (_last_cache(out) if use_cache else None), prompt_mask
+def _tree_mask(prompt_mask: torch.Tensor, label_mask: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visible [B, T+M, T+M] bool, positions [B, T+M]) for one pass over [left-padded prompt | label tree].
 
-
-def _prefix_pass(decoder, prompt_ids, prompt_mask, P: int):
-    """Shared-prefix path: the first P real tokens (the same in every row) once at batch 1, then the suffixes.
-
-    Cache layout per row: [prefix (P)] [row's left padding and its own copy of the prefix, masked] [suffix]; the
-    suffix window is the last T - P columns of the left-padded batch, so no tensor is re-laid out.
+    The tree holds every label's tokens but its last (M = K x (L-1) columns, label k's j-th token at
+    T + k(L-1) + j); a tree token sees its row's real prompt tokens and the earlier tokens of its own label only,
+    so each label continues the prompt as if it were alone. With a shared prefix of P tokens (P > 0), key
+    columns 0..P are the prefix cache (seen by everyone) and a row's own copy of those tokens is hidden.
+    Padding queries see themselves, so their (unused) hidden states stay finite: a NaN there would reach real
+    rows through 0 x NaN in the attention product.
     """
-    B, T = prompt_ids.shape
-    dev = prompt_ids.device
-    n = prompt_mask.sum(-1)
-    prefix = prompt_ids[:1].gather(1, (T - n[:1, None]) + torch.arange(P, device=dev)[None])  # row 0's first P
-    out = _decoder_call(decoder, input_ids=prefix, attention_mask=prompt_mask.new_ones(1, P),
-                        position_ids=torch.arange(P, device=dev)[None], use_cache=True)
-    cache = _last_cache(out)
-    cache.batch_repeat_interleave(B)
-    col = torch.arange(P, T, device=dev)
-    suffix_mask = (col[None] >= (T - n + P)[:, None]).to(prompt_mask.dtype)  # [B, T-P]: row b's own tokens
-    pos = P + (suffix_mask.long().cumsum(-1) - 1).clamp(min=0)
-    mask = torch.cat([prompt_mask.new_ones(B, P), suffix_mask], 1)
-    out = _decoder_call(decoder, input_ids=prompt_ids[:, P:], attention_mask=mask, position_ids=pos, cache=cache,
-                        use_cache=True)
-    return out.last_hidden_state[:, -1], _last_cache(out), mask
+    B, T = prompt_mask.shape
+    K, L = label_mask.shape
+    dev = prompt_mask.device
+    n = prompt_mask.sum(-1)  # real prompt tokens per row
+    col = torch.arange(T, device=dev)
+    first = T - n + P  # first column of the row's own tokens after the shared prefix
+    key_real = (col[None] < P) | (col[None] >= first[:, None]) if P else prompt_mask.bool()  # [B, T]
+    branch = torch.arange(K, device=dev).repeat_interleave(L - 1)
+    depth = torch.arange(L - 1, device=dev).repeat(K)
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    top = (causal[None] & key_real[:, None]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
+    tree = (branch[:, None] == branch[None]) & (depth[None] <= depth[:, None])  # [M, M]: same label, not later
+    M = K * (L - 1)
+    visible = torch.cat([torch.cat([top, top.new_zeros(B, T, M)], 2),
+                         torch.cat([key_real[:, None].expand(B, M, T), tree[None].expand(B, M, M)], 2)], 1)
+    positions = torch.cat([_positions(prompt_mask), n[:, None] + depth[None]], 1)
+    return visible, positions
+
+
+def _attention_mask(visible: torch.Tensor, decoder, dtype: torch.dtype) -> torch.Tensor:
+    """A custom 4D mask as the attention implementation takes it (HF passes 4D masks through unchanged)."""
+    impl = getattr(decoder.config, "_attn_implementation", "sdpa")
+    if impl == "eager":  # additive float mask
+        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+            ~visible, torch.finfo(dtype).min)[:, None]
+    return visible[:, None]
+
+
+def _prefix_cache(decoder, prefix: torch.Tensor, B: int, memo: Optional[dict]):
+    """A KV cache holding `prefix` ([1, P]) for B rows. The prefix's keys/values are computed once per distinct
+    prefix and kept in `memo` (when given) for the next batches: the same instruction prefix heads every batch
+    of a labeling job, and at batch 1 its forward is all kernel launches and no work."""
+    key = tuple(prefix[0].tolist())
+    kv = memo.get(key) if memo is not None else None
+    if kv is None:
+        out = _decoder_call(decoder, input_ids=prefix, attention_mask=prefix.new_ones(prefix.shape),
+                            position_ids=torch.arange(prefix.shape[1], device=prefix.device)[None], use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in _last_cache(out).layers]
+        if memo is not None:
+            if len(memo) >= 8:  # a job has one or a few instructions; never grow without bound
+                memo.clear()
+            memo[key] = kv
+    return DynamicCache(ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv],
+                        config=decoder.config)
 
 
 def score_labels(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, label_ids: torch.Tensor,
-                 label_mask: torch.Tensor, min_prefix: int = 8) -> torch.Tensor:
+                 label_mask: torch.Tensor, min_prefix: int = 8, prefix_memo: Optional[dict] = None) -> torch.Tensor:
     """[B, K] summed log-probs of each label sequence (label tokens + EOS) after each (left-padded) prompt.
 
-    min_prefix: run the prompts' common prefix once when it is at least this many tokens (and B > 1);
-    0 turns prefix reuse off.
+    One decoder pass over [prompt | label tree] (see `_tree_mask`): no KV cache is repeated per label, and the
+    LM head runs only at the last prompt token and the tree tokens.
+    min_prefix: run the prompts' common prefix once (at batch 1, its KV cache shared by all rows) when it is at
+    least this many tokens and B > 1; 0 turns prefix reuse off.
+    prefix_memo: a dict that keeps prefix caches between calls. Only while the weights do not change (one
+    validation or predict run): the caller empties it.
     """
     decoder, head, exact = split_head(model)
-    if not exact:
+    impl = getattr(decoder.config, "_attn_implementation", "sdpa")
+    if not exact or impl not in ("sdpa", "eager"):  # custom 4D masks: sdpa and eager only
         return score_labels_reference(model, prompt_ids, prompt_mask, label_ids, label_mask)
-    B, K, L = prompt_ids.shape[0], label_ids.shape[0], label_ids.shape[1]
+    B, T = prompt_ids.shape
+    K, L = label_ids.shape
     P = common_prefix_length(prompt_ids, prompt_mask) if min_prefix > 0 and B > 1 else 0
-    if P >= max(min_prefix, 1):
-        last, cache, ctx_mask = _prefix_pass(decoder, prompt_ids, prompt_mask, P)
+    P = P if P >= max(min_prefix, 1) else 0
+    visible, positions = _tree_mask(prompt_mask, label_mask, P)
+    ids = torch.cat([prompt_ids, label_ids[:, :-1].reshape(1, -1).expand(B, -1)], 1)
+    if P:  # the prefix's cache (computed once, or remembered) for every row; then everything after it
+        n = prompt_mask.sum(-1)
+        prefix = prompt_ids[:1].gather(1, (T - n[:1, None]) + torch.arange(P, device=ids.device)[None])
+        kwargs = {"cache": _prefix_cache(decoder, prefix, B, prefix_memo), "use_cache": True}
     else:
-        last, cache, ctx_mask = _prompt_pass(decoder, prompt_ids, prompt_mask, use_cache=L > 1)
-    first = torch.log_softmax(head(last).float(), -1)  # [B, V]: P(token 0 | prompt)
-    scores = first[:, label_ids[:, 0]]  # [B, K]
+        kwargs = {"use_cache": False}
+    dtype = head.weight.dtype if head.weight.is_floating_point() else torch.float32
+    hidden = _decoder_call(decoder, input_ids=ids[:, P:], position_ids=positions[:, P:],
+                           attention_mask=_attention_mask(visible[:, P:], decoder, dtype), **kwargs).last_hidden_state
+    at = hidden[:, T - P - 1:]  # [B, 1 + M, H]: the last prompt token, then the tree
+    # 2D into the head: a strided 3D slice makes torch pick a batched matmul that is ~30x slower on CPU
+    logp = torch.log_softmax(head(at.reshape(-1, at.shape[-1])).float(), -1).view(B, at.shape[1], -1)  # [B, 1+M, V]
+    scores = logp[:, 0, label_ids[:, 0]]  # [B, K]: first label token after the prompt
     if L > 1:
-        cache.batch_repeat_interleave(K)  # row b's cache serves rows b*K .. b*K+K-1
-        cont = label_ids[:, :-1].repeat(B, 1)  # [B*K, L-1]: feed tokens 0..L-2, predict 1..L-1
-        cont_mask = label_mask[:, :-1].repeat(B, 1)
-        mask = torch.cat([ctx_mask.repeat_interleave(K, 0), cont_mask.to(ctx_mask.dtype)], 1)
-        start = prompt_mask.sum(-1).repeat_interleave(K)[:, None]  # real prompt tokens = next position
-        pos = start + torch.arange(L - 1, device=start.device)[None]
-        hidden = _decoder_call(decoder, input_ids=cont, attention_mask=mask, position_ids=pos, cache=cache,
-                               use_cache=True).last_hidden_state
-        logp = torch.log_softmax(head(hidden).float(), -1)  # [B*K, L-1, V]
-        target = label_ids[:, 1:].repeat(B, 1)
-        tok = logp.gather(-1, target[..., None])[..., 0] * label_mask[:, 1:].repeat(B, 1)
-        scores = scores + tok.sum(-1).view(B, K)
+        tree = logp[:, 1:].view(B, K, L - 1, -1)  # token j of label k predicts its token j+1
+        tok = tree.gather(-1, label_ids[:, 1:][None, :, :, None].expand(B, K, L - 1, 1))[..., 0]
+        scores = scores + (tok * label_mask[:, 1:]).sum(-1)
     return scores
 
 

@@ -12,9 +12,9 @@ TEXTS = ["Shares fell 5% after the profit warning.", "Board meets Tuesday.",
          "Revenue rose to a record on strong demand in every region.", "Up."]
 
 
-def _lora_model(tiny_dir, quantization):
+def _lora_model(tiny_dir, quantization, attn="sdpa"):
     torch.manual_seed(0)
-    base = hf.load_base_model(str(tiny_dir), quantization, torch.float32)
+    base = hf.load_base_model(str(tiny_dir), quantization, torch.float32, attn_implementation=attn)
     model = hf.add_lora(base, 4, 8, 0.0, ["q_proj", "v_proj", "down_proj"])
     with torch.no_grad():  # a non-zero adapter, so the test covers the LoRA path too
         for n, p in model.named_parameters():
@@ -93,8 +93,9 @@ def test_shared_prefix_scores_equal_plain_path_and_brute_force(tiny_dir, tiny_to
     assert P >= 8 and common_prefix_length(b["prompt_ids"], b["prompt_mask"]) == P
     T = b["prompt_ids"].shape[1]
     B, K = len(prompts), len(labels)
-    # prefix once at batch 1, then the suffixes, then the label continuation: the prefix path was taken
-    assert shapes == [(1, P), (B, T - P), (B * K, max(map(len, label_ids)) - 1)]
+    # prefix once at batch 1, then the suffixes with the label tree (K x (L-1) tokens) in the same pass; no pass
+    # at batch B x K (the cache is never repeated per label)
+    assert shapes == [(1, P), (B, T - P + K * (b["label_ids"].shape[1] - 1))]
     torch.testing.assert_close(fast, plain, atol=2e-4, rtol=1e-5)
     torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-5)
 
@@ -133,20 +134,34 @@ def test_prefix_reuse_off_for_one_row_short_prefix_or_zero(tiny_dir, tiny_tokeni
     pad = tiny_tokenizer.pad_token_id
     prompts = [f.encode_prompt(DEFAULT_INSTRUCTION, t) for t in TEXTS]
     T = max(map(len, prompts))
-    # batch of 1: the plain path (one prompt forward, one continuation), same scores
-    fast, plain, ref, shapes, _ = _scores_three_ways(model, prompts[:1], label_ids, pad)
-    assert [s[0] for s in shapes] == [1, 3]
+    # batch of 1: the plain path (one forward over prompt + label tree), same scores
+    fast, plain, ref, shapes, b = _scores_three_ways(model, prompts[:1], label_ids, pad)
+    assert shapes == [(1, len(prompts[0]) + 3 * (b["label_ids"].shape[1] - 1))]
     torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-5)
     # the threshold: a prefix shorter than min_prefix is not worth a separate forward
     P = _shared_prefix(prompts)
     for min_prefix, taken in ((P, True), (P + 1, False), (0, False)):
         fast, _, ref, shapes, _ = _scores_three_ways(model, prompts, label_ids, pad, min_prefix=min_prefix)
-        assert (shapes[0] == (1, P)) is taken and (shapes[0] == (len(prompts), T)) is not taken
+        tree = 3 * (max(map(len, label_ids)) - 1)  # label tree columns after the prompt
+        assert (shapes[0] == (1, P)) is taken and (shapes[0] == (len(prompts), T + tree)) is not taken
         torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-5)
     # no common first token at all
     odd = [prompts[0], [t + 1 for t in prompts[1]]]
     b = collate_prompts(odd, pad, label_ids)
     assert common_prefix_length(b["prompt_ids"], b["prompt_mask"]) == 0
+
+
+@pytest.mark.parametrize("min_prefix", [0, 8])
+def test_eager_attention_takes_the_label_tree_mask_too(tiny_dir, tiny_tokenizer, min_prefix):
+    """Eager attention wants an additive float mask, SDPA a boolean one: both give the brute-force scores."""
+    model = _lora_model(tiny_dir, "nf4", attn="eager")
+    f = PromptFormatter(tiny_tokenizer)
+    label_ids = f.encode_labels(["bearish", "no clear view on the stock", "positive"])
+    prompts = [f.encode_prompt(DEFAULT_INSTRUCTION, t) for t in TEXTS]
+    fast, plain, ref, shapes, _ = _scores_three_ways(model, prompts, label_ids, tiny_tokenizer.pad_token_id,
+                                                     min_prefix=min_prefix)
+    assert len(shapes) == (2 if min_prefix else 1)
+    torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-5)
 
 
 def test_common_prefix_length_on_left_padded_rows():
@@ -174,3 +189,29 @@ def test_sparse_head_loss_equals_full_vocabulary_loss(tiny_dir, tiny_tokenizer):
     supervised = sum(len(f.encode_answer(lab)) for lab in ["negative", "neutral", "positive", "neutral"])
     assert n.item() == supervised
     torch.testing.assert_close(total / n, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_memo_skips_the_prefix_forward_and_keeps_scores(tiny_dir, tiny_tokenizer):
+    """A second batch with the same instruction reuses the remembered prefix cache: no batch-1 forward, same
+    scores as without the memo; a different prefix gets its own entry."""
+    model = _lora_model(tiny_dir, "nf4")
+    f = PromptFormatter(tiny_tokenizer)
+    label_ids = f.encode_labels(["negative", "neutral", "positive"])
+    pad = tiny_tokenizer.pad_token_id
+    memo = {}
+    first = collate_prompts([f.encode_prompt(DEFAULT_INSTRUCTION, t) for t in TEXTS[:2]], pad, label_ids)
+    second = collate_prompts([f.encode_prompt(DEFAULT_INSTRUCTION, t) for t in TEXTS[2:]], pad, label_ids)
+    args = lambda b: (b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"])  # noqa: E731
+    with torch.no_grad():
+        with _DecoderCalls(model) as calls:
+            a = score_labels(model, *args(first), prefix_memo=memo)
+            b = score_labels(model, *args(second), prefix_memo=memo)
+        assert len(memo) == 1
+        assert [s[0] for s in calls.shapes] == [1, 2, 2]  # the prefix ran once, for the first batch only
+        torch.testing.assert_close(a, score_labels(model, *args(first)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b, score_labels(model, *args(second)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b, score_labels_reference(model, *args(second)), atol=2e-4, rtol=1e-5)
+        other = collate_prompts([f.encode_prompt("Is this good news? Answer in one word.", t) for t in TEXTS[:2]],
+                                pad, label_ids)
+        score_labels(model, *args(other), prefix_memo=memo)
+        assert len(memo) == 2

@@ -114,3 +114,32 @@ def test_validate_reports_metrics_via_cli(workdir):
     assert 0.0 <= report["f1_weighted"] <= 1.0 and report["val_loss"] > 0
     assert reports[-1].with_name("validation_confusion.png").stat().st_size > 1000
     assert "| negative |" in reports[-1].with_name("validation.md").read_text()
+
+
+def test_dora_trains_its_magnitudes_and_exports_them(workdir, tiny_dir):
+    """model.use_dora: peft's DoRA on the 4-bit base; the magnitude vectors train, go into the checkpoint and the
+    adapter folder, and an export from last.ckpt rebuilds the same DoRA adapter."""
+    args = FAST + ["--model.use_dora", "true", "--trainer.max_epochs", "1"]
+    fresh = cli_main(args, run=False)
+    fresh.model.configure_model()
+    initial = _adapter(fresh)  # same seed: the adapter fit starts from
+    cli = _run(args)
+    trained = _adapter(cli)
+    mags = [k for k in trained if "lora_magnitude_vector" in k]  # trainable, so in _adapter
+    assert mags and initial.keys() == trained.keys()
+    assert any(not torch.equal(initial[k], trained[k]) for k in mags)  # the magnitudes learned
+    last = torch.load(Path("checkpoints/smoke/last.ckpt"), weights_only=True)
+    assert {f"model.{k}" for k in mags} <= set(last["state_dict"])
+    config = json.loads((Path("checkpoints/smoke/adapter") / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+
+    from finllm_pl.export import adapter_from_checkpoint
+    from safetensors.torch import load_file
+
+    out = adapter_from_checkpoint("checkpoints/smoke/last.ckpt", "exported")
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    ref = load_file("checkpoints/smoke/adapter/adapter_model.safetensors")
+    got = load_file(str(out / "adapter_model.safetensors"))
+    assert ref.keys() == got.keys() and any("magnitude" in k for k in got)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
