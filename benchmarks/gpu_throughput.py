@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from finllm_pl.data import LengthGroupedBatchSampler, collate_prompts, collate_train, default_cache_dir, tokenize_file  # noqa: E402
 from finllm_pl.model import add_lora, load_base_model, split_head  # noqa: E402
 from finllm_pl.prompts import DEFAULT_INSTRUCTION, DEFAULT_LABELS, PromptFormatter  # noqa: E402
-from finllm_pl.scoring import common_prefix_length, loss_sum, score_labels  # noqa: E402
+from finllm_pl.scoring import _decoder_call, common_prefix_length, loss_sum, score_labels  # noqa: E402
 
 from cache_scoring import score_labels_cache  # noqa: E402  (benchmarks/: the previous method, a baseline)
 
@@ -75,6 +75,7 @@ class Variant:
     precision: str = "autocast"  # "autocast": bf16 autocast, fp32 LoRA weights; "bf16": LoRA weights bf16, no autocast
     cudnn: bool = True  # SDPA may pick cuDNN attention (which plans per new shape); False: flash/efficient only
     pad_multiple: int = 1  # right-pad each micro-batch to a multiple of this (fewer distinct shapes)
+    graphs: bool = False  # the whole step (forward, backward, clip, AdamW) as one CUDA graph per padded length
     note: str = ""
 
 
@@ -104,6 +105,10 @@ def variants(eff: int) -> list[Variant]:
         Variant("project_nocudnn", eff, 1, False, "sparse", True, cudnn=False, note="cuDNN attention off"),
         Variant("project_pad32", eff, 1, False, "sparse", True, pad_multiple=32,
                 note="micro-batches padded to a multiple of 32 tokens"),
+        Variant("project_graphs", eff, 1, False, "sparse", True, cudnn=False, pad_multiple=32, graphs=True,
+                note="one CUDA graph per 32-token length bucket (benchmark only, not in the trainer yet)"),
+        Variant(f"project_m{m2}_graphs", m2, 1, False, "sparse", True, cudnn=False, pad_multiple=32, graphs=True,
+                note=f"effective batch {m2}, CUDA graphs"),
         Variant("project_again", eff, 1, False, "sparse", True, note="`project` again, late: order effects"),
         Variant("project_compile", eff, 1, False, "sparse", True, compile=True, note="torch.compile per decoder layer"),
     ]
@@ -477,6 +482,135 @@ def run_train(v: Variant, model, rows, subset, args, device, dtype, init_state, 
     return res
 
 
+def _static_batch(b: dict, sup: int) -> dict:
+    """Fixed-shape tensors for a captured step: a 4D causal + padding mask (HF passes 4D masks through, and its
+    own mask code checks padding on the CPU: a sync a capture forbids), position ids, and the supervised positions
+    as `sup` (hidden index, target, weight) slots per row instead of a boolean gather of data-dependent size."""
+    ids, mask, labels = b["input_ids"], b["attention_mask"].bool(), b["labels"]
+    B, L = ids.shape
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    target = labels[:, 1:]
+    idx = torch.zeros(B, sup, dtype=torch.long)
+    tgt = torch.zeros(B, sup, dtype=torch.long)
+    w = torch.zeros(B, sup)
+    for r in range(B):
+        pos = (target[r] != -100).nonzero()[:, 0]
+        idx[r, :len(pos)], tgt[r, :len(pos)], w[r, :len(pos)] = pos, target[r, pos], 1.0
+    return {"ids": ids, "mask": (causal[None] & mask[:, None, :])[:, None], "pos": torch.arange(L).expand(B, L),
+            "idx": idx, "tgt": tgt, "w": w}
+
+
+def run_train_graphed(v: Variant, model, rows, subset, args, device, dtype, init_state) -> dict:
+    """`project` with every optimizer step replayed from a CUDA graph: micro-batches padded to v.pad_multiple
+    tokens, one graph per padded length, captured the first time that length comes (after one eager step of it on
+    a side stream, as the CUDA-graph docs ask); the graphs share one memory pool (they never run concurrently, and
+    nothing a graph leaves behind is read by another). s/epoch = replayed step time x steps + the one-time capture
+    seconds. Benchmark only: the trainer does not do this (yet)."""
+    import torch.nn.functional as F
+
+    assert device.type == "cuda" and v.accum == 1
+    torch.backends.cuda.enable_cudnn_sdp(v.cudnn)
+    params = [p for n, p in model.named_parameters() if n in init_state]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in init_state:
+                p.copy_(init_state[n])
+    model.train()
+    set_lora_dropout(model, v.dropout, args.saved_dropouts)
+    decoder, head, _ = split_head(model)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, capturable=True, foreach=True)
+    torch.manual_seed(args.seed)
+    sub_lengths = [rows[i]["length"] for i in subset]
+    sampler = LengthGroupedBatchSampler(sub_lengths, v.micro, seed=args.seed, group_by_length=v.grouped)
+    raw = [collate_train([rows[subset[j]] for j in b], args.pad_id) for b in sampler if len(b) == v.micro]
+    sup = max(sum(t != -100 for t in rows[i]["labels"]) for i in subset)  # supervised tokens of the longest answer
+    for b in raw:
+        extra = -b["input_ids"].shape[1] % v.pad_multiple
+        for k, val in (("input_ids", args.pad_id), ("attention_mask", 0), ("labels", -100)):
+            b[k] = F.pad(b[k], (0, extra), value=val)
+    steps = args.graph_steps
+    batches = (raw * math.ceil(steps / len(raw)))[:steps]
+
+    def step(st):
+        with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
+            hidden = _decoder_call(decoder, input_ids=st["ids"], attention_mask=st["mask"], position_ids=st["pos"],
+                                   use_cache=False).last_hidden_state
+            h = hidden.gather(1, st["idx"][..., None].expand(-1, -1, hidden.shape[-1]))
+            ce = F.cross_entropy(head(h.reshape(-1, h.shape[-1])).float(), st["tgt"].reshape(-1), reduction="none")
+            loss = (ce * st["w"].reshape(-1)).sum() / st["w"].sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        return loss.detach()
+
+    # Capture every length first, the longest first (shorter graphs then fit in the memory the longer ones
+    # freed inside the shared pool), each after one eager step of that shape on a side stream; then put the
+    # adapter and AdamW back to their start, so the timed steps follow the same trajectory as `project`.
+    graphs, pool = {}, torch.cuda.graph_pool_handle()
+    sync(device)
+    t0 = time.perf_counter()
+    for L in sorted({b["input_ids"].shape[1] for b in batches}, reverse=True):
+        st = {k: t.to(device) for k, t in _static_batch(next(b for b in batches if b["input_ids"].shape[1] == L),
+                                                        sup).items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for p in params:
+                p.grad = None
+            step(st)
+        torch.cuda.current_stream().wait_stream(side)
+        for p in params:
+            p.grad = None  # this graph's backward allocates its own gradients (no accumulation into others')
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            out = step(st)
+        graphs[L] = (g, st, out)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in init_state:
+                p.copy_(init_state[n])
+        for state in opt.state.values():  # a fresh AdamW: zero moments, step 0 (in place: the graphs hold them)
+            for t in state.values():
+                t.zero_()
+    sync(device)
+    capture_s = time.perf_counter() - t0
+    step_times, replay_times, losses = [], [], []
+    counts = {"sup": 0, "tok": 0, "pad": 0}
+    t_start = time.perf_counter()
+    for b in batches:
+        host = _static_batch(b, sup)
+        g, st, out = graphs[b["input_ids"].shape[1]]
+        sync(device)
+        t0 = time.perf_counter()
+        for k, t in host.items():
+            st[k].copy_(t, non_blocking=True)
+        g.replay()
+        sync(device)
+        step_times.append(time.perf_counter() - t0)
+        replay_times.append(step_times[-1])
+        losses.append(float(out))
+        counts["sup"] += int(host["w"].sum())
+        counts["tok"] += int(b["attention_mask"].sum())
+        counts["pad"] += b["input_ids"].numel()
+    t = sum(step_times)
+    eff = v.micro
+    n_epoch = math.ceil(args.epoch_rows / eff)
+    replay = sum(replay_times) / max(len(replay_times), 1)
+    del graphs, g, st, out  # the graphs' private memory goes back before the next variant
+    torch.cuda.empty_cache()
+    window = losses[args.warmup: args.warmup + args.steps]  # the steps `project` reports (after its warm-up)
+    return {**asdict(v), "effective_batch": eff, "warmup_steps": 0, "timed_steps": len(step_times),
+            "step_s": t / len(step_times), "replay_step_s": replay, "captures": len(set(b["input_ids"].shape[1] for b in batches)),
+            "capture_s": capture_s, "s_per_epoch": replay * n_epoch + capture_s,
+            "s_per_epoch_median_step": sorted(replay_times)[len(replay_times) // 2] * n_epoch + capture_s if replay_times else None,
+            "sup_tok_s": counts["sup"] / t, "tok_s": counts["tok"] / t, "padded_tok_s": counts["pad"] / t,
+            "pad_fraction": 1 - counts["tok"] / counts["pad"], "loss": sum(window) / len(window),
+            "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+            "step_times": [round(x, 4) for x in step_times], "losses": [round(x, 4) for x in losses],
+            "wall_s": time.perf_counter() - t_start, "stopped": None,
+            "s_per_epoch_by_tokens": None}
+
+
 def cleanup_train(model, v: Variant, device, init_state, args) -> None:
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(True)
@@ -690,6 +824,7 @@ def main(argv=None) -> int:
                     "CPU labeling rows/s, e.g. --cpu --variants 'score_*,generate_*' --label-rows 64")
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps per variant (default 20; tiny 2)")
     ap.add_argument("--baseline-steps", type=int, default=3, help="timed steps of the (slow) baseline")
+    ap.add_argument("--graph-steps", type=int, default=120, help="steps of the CUDA-graph variants (captures included)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps before timing (default 2; tiny and baseline 1)")
     ap.add_argument("--compile-warmup", type=int, default=3, help="untimed steps of the compile variant")
     ap.add_argument("--variants", default=None,
@@ -739,6 +874,8 @@ def main(argv=None) -> int:
             return 2
     pats = [p.strip() for p in (args.variants or "*").split(",") if p.strip()]
     skip = {"project_compile"} if tiny and args.variants is None else set()
+    if on_cpu:  # CUDA graphs need CUDA
+        skip |= {v.name for v in variants(4 if tiny else 32) if v.graphs}
     wanted = lambda name: name not in skip and any(fnmatch.fnmatch(name, p) for p in pats)  # noqa: E731
     profile_names = {p.strip() for p in args.profile.split(",") if p.strip()}
     all_train = variants(eff)
@@ -766,7 +903,8 @@ def main(argv=None) -> int:
     args.epoch_rows = len(rows)
 
     train_vs = [v for v in all_train if wanted(v.name)]
-    need = max([(max(args.warmup, args.compile_warmup) + args.steps) * v.micro * v.accum for v in train_vs] or [0])
+    need = max([(args.graph_steps if v.graphs else max(args.warmup, args.compile_warmup) + args.steps) * v.micro * v.accum
+                for v in train_vs] or [0])
     subset = seeded_subset(len(rows), math.ceil(need / 64) * 64, args.seed)
     results = {
         "env": {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
@@ -837,7 +975,8 @@ def main(argv=None) -> int:
     def train_one(v: Variant) -> None:
         log(f"== {v.name}: micro {v.micro} x accum {v.accum}, ckpt {v.ckpt}, loss {v.loss_fn}, grouped {v.grouped}, "
             f"dropout {v.dropout}, precision {v.precision}")
-        res = guarded(asdict(v), lambda: run_train(v, model, rows, subset, args, device, dtype, init_state),
+        fn = run_train_graphed if v.graphs else run_train
+        res = guarded(asdict(v), lambda: fn(v, model, rows, subset, args, device, dtype, init_state),
                       args.compile_timeout if v.compile else args.variant_timeout, 90.0 if v.compile else 20.0)
         cleanup_train(model, v, device, init_state, args)
         if "error" not in res and "skipped" not in res:

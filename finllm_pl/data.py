@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 
@@ -224,14 +225,43 @@ def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return torch.tensor([([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs])
 
 
-def collate_train(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids; labels are -100 on the prompt (already) and on padding (here), nowhere else."""
+def collate_train(rows: list[dict], pad_id: int, static: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded ids; labels are -100 on the prompt (already) and on padding (here), nowhere else.
+    static: also the fixed-shape `g_*` copies CUDA graphs replay (`static_batch`)."""
     ids = [r["input_ids"] for r in rows]
-    return {
+    batch = {
         "input_ids": _pad(ids, pad_id),
         "attention_mask": _pad([[1] * len(s) for s in ids], 0),
         "labels": _pad([r["labels"] for r in rows], -100),
     }
+    if static:
+        batch.update(static_batch(batch["input_ids"], batch["attention_mask"], batch["labels"], GRAPH_LENGTH_MULTIPLE))
+    return batch
+
+
+GRAPH_LENGTH_MULTIPLE = 32  # padded-length bucket: fewer shapes (graphs, memory) vs padding compute
+
+
+def static_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                 multiple: int) -> dict[str, torch.Tensor]:
+    """Fixed-shape copies of a right-padded training batch for CUDA-graph replay (finllm_pl/graphs.py): length
+    padded to `multiple`, a 4D causal + padding mask, position ids, and the supervised positions as a power-of-two
+    number of (position, target, weight) slots per row."""
+    B, L = input_ids.shape
+    pad = -L % multiple
+    ids = F.pad(input_ids, (0, pad), value=0)  # padding is masked out and unsupervised: any id will do
+    real = F.pad(attention_mask, (0, pad), value=0).bool()
+    target = F.pad(labels, (0, pad), value=-100)[:, 1:]
+    L += pad
+    sup = target != -100
+    n_sup = int(sup.sum(1).max()) if B else 0
+    slots = max(4, 1 << max(n_sup - 1, 0).bit_length())  # a power of two: few distinct shapes
+    # the supervised positions of each row first (in order), then unsupervised ones with weight 0
+    order = torch.argsort((~sup).long() * L + torch.arange(L - 1), dim=1, stable=True)[:, :slots]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    return {"g_ids": ids, "g_mask": (causal[None] & real[:, None, :])[:, None],
+            "g_pos": torch.arange(L).expand(B, L).contiguous(), "g_idx": order,
+            "g_tgt": target.gather(1, order).clamp(min=0), "g_w": sup.gather(1, order).float()}
 
 
 def collate_prompts(prompts: list[list[int]], pad_id: int, label_ids: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -281,6 +311,7 @@ class InstructionDataModule(L.LightningDataModule):
         group_by_length: bool = True,
         seed: int = 42,
         num_workers: int = 0,
+        static_batches: bool = False,
         cache_dir: Optional[str] = None,
         predict_chunk_rows: int = 4096,
     ) -> None:
@@ -307,6 +338,8 @@ class InstructionDataModule(L.LightningDataModule):
             group_by_length: batch rows of similar length together (less padding).
             seed: seed of the validation split and of the batch order.
             num_workers: DataLoader worker processes.
+            static_batches: add the fixed-shape inputs CUDA graphs replay to training batches (linked to
+                model.cuda_graphs; do not set it twice).
             cache_dir: tokenization cache (default $FINLLM_CACHE/tokenized or ~/.cache/finllm_pl/tokenized).
             predict_chunk_rows: rows read, sorted by length and labeled together when predicting (bounds memory).
         """
@@ -387,8 +420,8 @@ class InstructionDataModule(L.LightningDataModule):
         # Own generator: the DataLoader draws its worker seed from it, not from the global RNG that LoRA dropout
         # uses, so a resumed run's dropout masks match the uninterrupted run's.
         return DataLoader(self.train_set.with_format(None), batch_sampler=self._train_sampler,
-                          collate_fn=lambda rows: collate_train(rows, pad), num_workers=hp.num_workers,
-                          generator=torch.Generator().manual_seed(hp.seed))
+                          collate_fn=lambda rows: collate_train(rows, pad, hp.static_batches),
+                          num_workers=hp.num_workers, generator=torch.Generator().manual_seed(hp.seed))
 
     def val_dataloader(self):
         if self.val_set is None:

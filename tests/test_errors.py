@@ -147,6 +147,9 @@ CASES = [
     ("chat-style-without-template", {}, FIT + ["--model.model_name_or_path", "no_template"]
      + ["--data.prompt_style", "chat"], ["data.prompt_style=chat", "use data.prompt_style=plain"]),
     ("lora-rank-zero", {}, FIT + ["--model.lora_r", "0"], ["model.lora_r must be >= 1"]),
+    ("cuda-graphs-with-checkpointing", {}, FIT + ["--model.cuda_graphs", "true", "--model.gradient_checkpointing",
+                                                   "true"], ["model.cuda_graphs", "gradient_checkpointing"]),
+    ("static-batches-set-by-hand", {}, FIT + ["--data.static_batches", "true"], ["data.static_batches"]),
     ("lora-targets-not-in-model", {}, FIT + ["--model.lora_target_modules", "[q_proj, w_pack]"],
      ["model.lora_target_modules: ['w_pack'] not in this model", "its linear layers are"]),
     ("missing-model-folder", {}, FIT + ["--model.model_name_or_path", "./models/nope"],

@@ -143,3 +143,37 @@ def test_dora_trains_its_magnitudes_and_exports_them(workdir, tiny_dir):
     assert ref.keys() == got.keys() and any("magnitude" in k for k in got)
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def test_cuda_graphs_step_gives_the_eager_steps_losses_and_adapter(workdir):
+    """model.cuda_graphs' fixed-shape step (lengths padded to 32, explicit 4D mask, supervised-token slots,
+    gradients from autograd.grad added into p.grad across the accumulation window) trains exactly like the
+    default step. Without CUDA it runs eagerly; the capture/replay itself is the gpu test's."""
+    args = FAST + ["--model.lora_dropout", "0"]  # dropout masks of padded shapes would differ from unpadded ones
+    ref_losses, graph_losses = Losses(), Losses()
+    ref = _adapter(_run(args, [ref_losses]))
+    cli = _run(args + ["--model.cuda_graphs", "true", "--checkpoint.dirpath", "ck_graphs"], [graph_losses])
+    assert cli.model._graphed is not None and cli.model._graphed.grads is not None  # the static path ran
+    assert len(ref_losses.by_step) == 8 and ref_losses.by_step.keys() == graph_losses.by_step.keys()
+    for step, loss in ref_losses.by_step.items():
+        assert graph_losses.by_step[step] == pytest.approx(loss, rel=1e-5), step
+    got = _adapter(cli)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)  # Adam magnifies fp32 rounding
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in got.items() if "lora_B" in k)  # it trained
+
+
+def test_static_batch_slots_hold_every_supervised_token():
+    from finllm_pl.data import static_batch
+
+    ids = torch.arange(2 * 7).view(2, 7)
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    labels = torch.tensor([[-100, -100, -100, 4, 5, 6, 7], [-100, -100, 2, 3, 4, -100, -100]])
+    st = static_batch(ids, mask, labels, 32)
+    assert st["g_ids"].shape == (2, 32) and st["g_mask"].shape == (2, 1, 32, 32)
+    # hidden state t predicts token t+1: row 0 supervises positions 2..5, row 1 positions 1..3
+    assert st["g_idx"].shape[1] == 4 and st["g_w"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert st["g_idx"][0].tolist() == [2, 3, 4, 5] and st["g_idx"][1, :3].tolist() == [1, 2, 3]
+    assert st["g_tgt"][0].tolist() == [4, 5, 6, 7] and st["g_tgt"][1, :3].tolist() == [2, 3, 4]
+    assert not st["g_mask"][1, 0, 6, 5] and st["g_mask"][1, 0, 6, 4] and not st["g_mask"][0, 0, 2, 3]
