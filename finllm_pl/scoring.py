@@ -20,6 +20,7 @@ the same as on the plain path.
 from __future__ import annotations
 
 import inspect
+import warnings
 from functools import lru_cache
 from typing import Optional
 
@@ -149,6 +150,9 @@ def score_labels(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, lab
     decoder, head, exact = split_head(model)
     impl = getattr(decoder.config, "_attn_implementation", "sdpa")
     if not exact or impl not in ("sdpa", "eager"):  # custom 4D masks: sdpa and eager only
+        if exact:
+            warnings.warn(f"label scoring with attn_implementation={impl!r} falls back to one full forward per row "
+                          "and label (slow); model.attn_implementation sdpa scores in one pass", stacklevel=2)
         return score_labels_reference(model, prompt_ids, prompt_mask, label_ids, label_mask)
     B, T = prompt_ids.shape
     K, L = label_ids.shape
