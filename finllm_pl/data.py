@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -453,12 +454,14 @@ class InstructionDataModule(L.LightningDataModule):
         return output, expect
 
     def predict_dataloader(self) -> DataLoader:
-        from .predict import PredictStream, load_progress
+        from .predict import PredictStream, finished_earlier, load_progress
 
         hp = self.hparams
         output, expect = self.predict_job()
         rank, world = self._rank_world()
         start = load_progress(output, rank, expect)["chunks"]
+        if finished_earlier(output, world, expect):  # killed after its output was complete: nothing to label
+            start = sys.maxsize
         stream = PredictStream(hp.predict_path, self.build_formatter(), self.label_ids, hp.instruction,
                                hp.text_column, hp.eval_batch_size, hp.predict_chunk_rows, hp.max_length, hp.labels,
                                rank=rank, world_size=world, start_chunk=start)

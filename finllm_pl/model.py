@@ -201,6 +201,12 @@ def _atomic_dir(target: Path):
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
+    # mkdtemp made the folder 0700 and safetensors writes its files 0600: give everything the modes a plain
+    # mkdir/open would, so the adapter is as readable as any other output of the run.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp, *tmp.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)

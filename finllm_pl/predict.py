@@ -59,6 +59,24 @@ def load_progress(output: str, rank: int, expect: dict[str, Any]) -> dict[str, A
     return {**expect, "chunks": 0, "bytes": 0, "rows": 0}
 
 
+def finished_earlier(output: str, world: int, expect: dict[str, Any]) -> bool:
+    """A run of this same job that was killed after its output was in place but before it removed its progress
+    files: every rank's progress matches the job, no part file is left, and the output holds exactly the bytes
+    they recorded. Then there is nothing to label again (only the progress files to remove)."""
+    if not os.path.isfile(output):
+        return False
+    total = 0
+    for r in range(world):
+        prog = Path(f"{part_path(output, r)}.json")
+        if part_path(output, r).exists() or not prog.exists():
+            return False
+        state = json.loads(prog.read_text())
+        if any(state.get(k) != v for k, v in expect.items()):
+            return False
+        total += state["bytes"]
+    return os.path.getsize(output) == total
+
+
 def _write_progress(output: str, rank: int, state: dict[str, Any]) -> None:
     prog = Path(f"{part_path(output, rank)}.json")
     tmp = prog.with_suffix(".json.tmp")
@@ -121,6 +139,7 @@ class PredictionWriter(BasePredictionWriter):
         self.output, self.labels, self.expect = output, list(labels), expect
         self.pending: dict[int, dict[str, Any]] = {}  # chunk -> {"size", "rows": {index: line}}
         self.report: Optional[dict[str, Any]] = None  # counts and metrics of the finished output (rank 0)
+        self.done_before = False  # an earlier run of this job completed the output (see finished_earlier)
 
     def on_predict_start(self, trainer, pl_module) -> None:
         out_dir = os.path.dirname(os.path.abspath(self.output))
@@ -131,6 +150,9 @@ class PredictionWriter(BasePredictionWriter):
         if os.path.isdir(self.output):
             raise DataError(f"{self.output}: is a folder; set data.predict_output to a file path")
         self.rank, self.world = trainer.global_rank, trainer.world_size
+        self.done_before = finished_earlier(self.output, self.world, self.expect)  # the data yields nothing then
+        if self.done_before:
+            return
         self.state = load_progress(self.output, self.rank, self.expect)
         part = part_path(self.output, self.rank)
         self.file = open(part, "r+b" if part.exists() else "wb")
@@ -175,12 +197,16 @@ class PredictionWriter(BasePredictionWriter):
             part_path(self.output, self.rank).unlink(missing_ok=True)
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        self.file.close()
+        if not self.done_before:
+            self.file.close()
         if self.pending:
             raise RuntimeError(f"prediction ended with unfinished chunks {sorted(self.pending)}")
         trainer.strategy.barrier()
         if self.rank == 0:
-            finish_output(self.output, self.world, self.expect["chunk_rows"])
+            if self.done_before:
+                _remove_progress(self.output, self.world)
+            else:
+                finish_output(self.output, self.world, self.expect["chunk_rows"])
             self.report = prediction_report(self.output, self.labels)
             _announce(self.output, self.report)
         trainer.strategy.barrier()
@@ -209,6 +235,10 @@ def finish_output(output: str, world: int, chunk_rows: int) -> None:
         os.replace(tmp, output)
         for p in parts:
             p.unlink()
+    _remove_progress(output, world)  # a kill before this line leaves a state finished_earlier() recognises
+
+
+def _remove_progress(output: str, world: int) -> None:
     for r in range(world):
         Path(f"{part_path(output, r)}.json").unlink(missing_ok=True)
 

@@ -242,3 +242,43 @@ def test_prefix_reuse_changes_nothing_but_speed(tmp_path, trained):
     plain = _predict(inp, tmp_path / "plain.jsonl", "--model.prefix_reuse", "false", ckpt=adapter)
     assert [r["label"] for r in fast] == [r["label"] for r in plain]
     assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(fast, plain) for k in a["probs"]) < 1e-5
+
+
+def test_a_kill_after_the_output_is_in_place_does_not_relabel(tmp_path, trained, monkeypatch, capsys):
+    """Killed between putting the output in place and removing the progress files: the same command labels
+    nothing again (the model is never called), leaves the output byte for byte, and cleans up. An output that
+    no longer matches the recorded progress is labeled again."""
+    from finllm_pl import predict as P
+    from finllm_pl.module import FinLLM
+
+    _, adapter, _ = trained
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _rows(16)))
+    out = tmp_path / "in.labels.jsonl"
+    real = P.finish_output
+
+    def killed_after_replace(output, world, chunk_rows):  # the output lands, then the process "dies"
+        saved = {q: q.read_bytes() for q in Path(output).parent.glob("*.part*.json")}
+        real(output, world, chunk_rows)
+        for q, data in saved.items():
+            q.write_bytes(data)
+
+    monkeypatch.setattr(P, "finish_output", killed_after_replace)
+    first = _predict(inp, out, ckpt=adapter)
+    assert len(first) == 16 and list(tmp_path.glob("*.part0.json"))
+    done = out.read_bytes()
+
+    monkeypatch.setattr(P, "finish_output", real)
+    monkeypatch.setattr(FinLLM, "_score", lambda self, batch: (_ for _ in ()).throw(AssertionError("relabeled")))
+    capsys.readouterr()
+    assert _predict(inp, out, ckpt=adapter) == first
+    assert out.read_bytes() == done and not list(tmp_path.glob("*.part*"))
+    assert "labeled 16 rows" in capsys.readouterr().err
+
+    # the same leftover state, but the output was changed since: not a finished job, so it is labeled again
+    monkeypatch.undo()  # the real scoring again
+    monkeypatch.setattr(P, "finish_output", killed_after_replace)
+    _predict(inp, out, ckpt=adapter)
+    out.write_bytes(done[:-10])
+    monkeypatch.setattr(P, "finish_output", real)
+    assert _predict(inp, out, ckpt=adapter) == first and not list(tmp_path.glob("*.part*"))

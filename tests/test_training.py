@@ -1,6 +1,7 @@
 """fit / validate through the CLI in-process on the tiny model: adapter-only checkpoints, export, exact resume."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,12 @@ def _run(args, callbacks=(), ckpt_path=None):
     return cli
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _adapter(cli):
     return {k: v.clone() for k, v in cli.model.model.named_parameters() if v.requires_grad}
 
@@ -68,6 +75,8 @@ def test_fit_writes_adapter_only_checkpoints_and_a_peft_adapter(workdir, tiny_di
     adapter = ckpt_dir / "adapter"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "prompt_format.json"):
         assert (adapter / name).exists(), name
+        assert (adapter / name).stat().st_mode & 0o044 == 0o044 & ~_umask(), name  # readable as a mkdir'd file
+    assert adapter.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
     fmt = json.loads((adapter / "prompt_format.json").read_text())
     assert fmt["style"] == "chat" and fmt["think"] == "empty" and fmt["labels"] == ["negative", "neutral", "positive"]
     from peft import PeftModel
