@@ -200,6 +200,20 @@ def _atomic_dir(target: Path):
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _replace_dir(tmp: Path, target: Path) -> None:
     # mkdtemp made the folder 0700 and safetensors writes its files 0600: give everything the modes a plain
     # mkdir/open would, so the adapter is as readable as any other output of the run.
@@ -207,7 +221,9 @@ def _replace_dir(tmp: Path, target: Path) -> None:
     os.umask(umask)
     for path in [tmp, *tmp.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    if target.exists():
+    if target.exists() and _exchange(tmp, target):  # one atomic step: `target` is never missing
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous folder
+    elif target.exists():  # no renameat2 here: two renames, with a short window without `target`
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
