@@ -2,15 +2,16 @@
 
 Why: a QLoRA step of a 1.5B model at micro-batch 32 launches ~7,000 small kernels (peft and bitsandbytes work
 module by module) and the GPU sits idle most of the time waiting for Python to launch them. A CUDA graph records
-the kernels of one step once and replays them with one launch. Measured on an H100 (benchmarks/gpu_throughput.py,
-`project_graphs`): 0.075 s per step instead of ~0.25-0.30 s, the same losses.
+the kernels of one step once and replays them with one launch. Measured on an H100: 0.075 s per step instead of
+~0.25-0.30 s (benchmarks/gpu_throughput.py, `project_graphs`), one real epoch through the CLI 117.6 -> 44.6 s
+with the same per-step losses (benchmarks/fit_epoch.py).
 
 A graph replays fixed shapes and fixed addresses, so every micro-batch is first made static on the CPU
 (finllm_pl.data.static_batch, in the DataLoader, when data.static_batches is on, which model.cuda_graphs
-turns on): lengths padded up to a multiple of `multiple` tokens, the attention mask
-as an explicit 4D causal + padding mask (HF's own mask code inspects padding on the CPU, a sync a capture
-forbids), and the supervised positions as a fixed number of (position, target, weight) slots per row instead of
-a boolean gather whose size depends on the data. One graph per (rows, length, slots) shape, captured the first
+turns on): lengths padded up to a multiple of 32 tokens, the attention mask as an explicit 4D causal + padding
+mask (HF's own mask code inspects padding on the CPU, a sync a capture forbids), and the supervised positions as
+a fixed number of (position, target, weight) slots per row instead of a boolean gather whose size depends on the
+data. One graph per (rows, length, slots) shape, captured the first
 time that shape comes, right after that batch's own eager step (the CUDA-graph docs warm up before capturing);
 all graphs share one memory pool, as they never run at the same time.
 
