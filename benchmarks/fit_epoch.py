@@ -26,10 +26,7 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 
 from finllm_pl.__main__ import cli_main  # noqa: E402
-
-QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072,
-                 tie_word_embeddings=False, rms_norm_eps=1e-6)
+from finllm_pl.assets import build_random_qwen_1_5b  # noqa: E402
 
 
 class EpochClock(Callback):
@@ -52,24 +49,6 @@ class EpochClock(Callback):
         self.seconds = time.perf_counter() - self.t0
 
 
-def build(folder: Path, tokenizer: str) -> Path:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    cfg = Qwen2Config(**QWEN_1_5B, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM._from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    del model
-    torch.cuda.empty_cache()
-    return folder
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True)
@@ -81,7 +60,7 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "data": os.path.abspath(a.data),
                "config": "configs/deepseek_r1_distill_qwen_1.5b_fast.yaml", "runs": []}
     with tempfile.TemporaryDirectory(prefix="finllm_epoch_") as tmp:
-        model_dir = build(Path(tmp) / "qwen1.5b", a.tokenizer)
+        model_dir = build_random_qwen_1_5b(Path(tmp) / "qwen1.5b", a.tokenizer)
         for name in a.variants.split(","):
             mode, _, shape = name.partition("_m")
             micro, _, accum = shape.partition("x") if shape else ("32", "", "1")

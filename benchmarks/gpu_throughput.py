@@ -47,6 +47,7 @@ warnings.filterwarnings("ignore", message=r".*checkpointing.* is deprecated", ca
 
 import torch  # noqa: E402
 
+from finllm_pl.assets import QWEN_1_5B  # noqa: E402
 from finllm_pl.data import LengthGroupedBatchSampler, collate_prompts, collate_train, default_cache_dir, tokenize_file  # noqa: E402
 from finllm_pl.model import add_lora, load_base_model, split_head  # noqa: E402
 from finllm_pl.prompts import DEFAULT_INSTRUCTION, DEFAULT_LABELS, PromptFormatter  # noqa: E402
@@ -237,11 +238,9 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, folder: st
     """Random-weight Qwen2 (DeepSeek-R1-Distill-Qwen-1.5B shape) saved in `dtype`, then loaded the project's way."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    size = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4) if tiny else \
-        dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12)
-    cfg = Qwen2Config(vocab_size=151_936, num_key_value_heads=2, max_position_embeddings=131_072, rope_theta=10000.0,
-                      tie_word_embeddings=False, use_sliding_window=False, rms_norm_eps=1e-6,
-                      bos_token_id=151_646, eos_token_id=151_643, **size)
+    tiny_size = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    cfg = Qwen2Config(**{**QWEN_1_5B, **(tiny_size if tiny else {})}, use_sliding_window=False,
+                      bos_token_id=151_646, eos_token_id=151_643)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with device:  # init straight on the GPU in the target dtype: seconds instead of a minute of CPU init

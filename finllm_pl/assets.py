@@ -184,11 +184,18 @@ def _is_complete(d: Path) -> bool:
     return (d / "config.json").is_file() and (d / "tokenizer.json").is_file() and weights
 
 
+def default_modes(folder: Path) -> None:
+    """Give a finished temp folder and everything in it the modes a plain mkdir/open would: mkdtemp makes folders
+    0700 and safetensors writes its files 0600, which would leave our outputs unreadable to everyone else."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _publish(tmp: Path, out_dir: Path) -> Path:
     """Move a finished temp folder into place; the destination is either absent or complete."""
-    tmp.chmod(0o755)  # mkdtemp makes it 0700 (safetensors files come out 0600): make it readable
-    for f in tmp.iterdir():
-        f.chmod(0o644)
+    default_modes(tmp)
     try:
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # an empty folder (e.g. made by mkdir -p) is no obstacle
@@ -208,6 +215,34 @@ def _check_dest(out_dir: Path) -> bool:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists but does not hold a complete model; remove it or pick another --out")
     return False
+
+
+# DeepSeek-R1-Distill-Qwen-1.5B's architecture (its config.json; ../shared/DESIGN.md): GPU tests and benchmarks
+# build it with random weights, since the hub is out of reach.
+QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072,
+                 tie_word_embeddings=False, rms_norm_eps=1e-6)
+
+
+def build_random_qwen_1_5b(out_dir, tokenizer_dir, seed: int = 0) -> Path:
+    """A model folder with the 1.5B architecture, random bf16 weights (built on the GPU) and `tokenizer_dir`'s
+    tokenizer: what speed and memory measurements need (they do not depend on the weights' values)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    cfg = Qwen2Config(**QWEN_1_5B, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):  # init straight on the GPU in bf16: seconds instead of a minute of CPU init
+        model = Qwen2ForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    del model
+    torch.cuda.empty_cache()
+    return Path(out_dir)
 
 
 def build_tiny(out_dir, seed: int = 0) -> Path:

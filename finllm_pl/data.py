@@ -459,9 +459,8 @@ class InstructionDataModule(L.LightningDataModule):
         hp = self.hparams
         output, expect = self.predict_job()
         rank, world = self._rank_world()
-        start = load_progress(output, rank, expect)["chunks"]
-        if finished_earlier(output, world, expect):  # killed after its output was complete: nothing to label
-            start = sys.maxsize
+        # A run killed after its output was complete has nothing left to label.
+        start = sys.maxsize if finished_earlier(output, world, expect) else load_progress(output, rank, expect)["chunks"]
         stream = PredictStream(hp.predict_path, self.build_formatter(), self.label_ids, hp.instruction,
                                hp.text_column, hp.eval_batch_size, hp.predict_chunk_rows, hp.max_length, hp.labels,
                                rank=rank, world_size=world, start_chunk=start)

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
+from .assets import default_modes
 from .errors import ModelError
 
 Quantization = Literal["nf4", "fp4", "none"]
@@ -215,12 +216,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
-    # mkdtemp made the folder 0700 and safetensors writes its files 0600: give everything the modes a plain
-    # mkdir/open would, so the adapter is as readable as any other output of the run.
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [tmp, *tmp.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    default_modes(tmp)  # readable like any other output of the run (not mkdtemp's 0700)
     if target.exists() and _exchange(tmp, target):  # one atomic step: `target` is never missing
         shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous folder
     elif target.exists():  # no renameat2 here: two renames, with a short window without `target`

@@ -4,17 +4,17 @@
 one-word sentiment answer that is ~3 positions per row instead of every prompt token (the vocabulary of
 DeepSeek-R1-Distill is 151,936 wide).
 
-`score_labels`: log P(label + EOS | prompt) for every label, exactly, in one pass over the prompts. The prompt
-runs once with a KV cache; the cache is repeated once per label and the (short) label sequences run on top of
-it. The cost is one prompt forward plus K x (label length) tokens, instead of K prompt forwards, and it is the
-same number a per-label full forward gives (tests check that against `score_labels_reference`).
+`score_labels`: log P(label + EOS | prompt) for every label, exactly, in one decoder pass: the prompt followed by
+a "label tree" (every label's tokens but its last), under a 4D mask that lets each label token see the prompt
+and the earlier tokens of its own label only. The cost is one prompt forward plus K x (label length - 1) tokens,
+instead of K prompt forwards, with no KV cache copied per label; it is the same number a per-label full forward
+gives (tests check that against `score_labels_reference`).
 
 Shared-prefix reuse: every prompt of a labeling batch starts with the same tokens (chat template, system prompt,
 instruction); only the input text differs. When that common prefix is at least `min_prefix` tokens long (and the
-batch has more than one row), the prefix runs once at batch 1, its KV cache is copied to every row, and only the
-suffixes run on top of it: the gap between a row's prefix and its (left-padded) suffix is masked out and the
-position ids continue from the prefix, so every row sees exactly its own prompt. The label continuation is then
-the same as on the plain path.
+batch has more than one row), its KV cache (computed once per validate/predict run when the caller keeps a
+`prefix_memo`) is given to every row and only the rest runs: a row's own copy of the prefix and its left padding
+are masked out and the position ids continue from the prefix, so every row sees exactly its own prompt.
 """
 
 from __future__ import annotations

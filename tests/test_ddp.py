@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,17 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None)
     return p.returncode, out
 
 
+@contextmanager
+def _inside(d: Path):
+    """The 1-process references run in-process, in the test folder (contextlib.chdir needs Python 3.11)."""
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def _ok(rc_out):
     rc, out = rc_out
     assert rc == 0, f"exit {rc}:\n{out[-4000:]}"
@@ -106,15 +118,11 @@ def ddp(tmp_path_factory, tiny_dir):
                     "--trainer.logger", "false", *losses_to("losses2.json"), "--trainer.plugins",
                     json.dumps({"class_path": "ddp_probe.RecordingCheckpointIO"})],
                    d, {"FINLLM_TEST_SAVES": str(saves)})
-    old = os.getcwd()
-    os.chdir(d)
-    try:
+    with _inside(d):
         cli = cli_main([*FIT, "--model.accumulate_grad_batches", "2", "--trainer.limit_train_batches",
                         str(2 * STEPS), "--checkpoint.dirpath", "ck1", "--trainer.default_root_dir", "run1",
                         "--trainer.logger", "false", *losses_to("losses1.json")], run=False)
         cli.trainer.fit(cli.model, cli.datamodule)
-    finally:
-        os.chdir(old)
     return {"dir": d, "fit2": fit2, "saves": saves}
 
 
@@ -191,12 +199,8 @@ def test_validate_on_two_processes_gives_the_one_process_metrics(ddp):
     # The val set (48 rows, batches of 16 -> 3 batches) does not divide over 2 ranks: rank 1 runs a padding copy
     # of batch 0 to keep the ranks in step, which must count nowhere.
     _ok(run_cli(["validate", *VALIDATE, *TWO, "--trainer.default_root_dir", "val2", "--ckpt_path", "ck2/last.ckpt"], d))
-    old = os.getcwd()
-    os.chdir(d)
-    try:
+    with _inside(d):
         cli_main(["validate", *VALIDATE, "--trainer.default_root_dir", "val1", "--ckpt_path", "ck2/last.ckpt"])
-    finally:
-        os.chdir(old)
     want = _report(d / "val1/validation.json")
     _same_metrics(_report(d / "val2/validation.json"), want)
     # fit's own end-of-epoch validation on 2 processes ran on the same (final) weights
@@ -214,12 +218,8 @@ def test_predict_on_two_processes_writes_the_one_process_file(ddp):
     _ok(ddp["fit2"])
     # 240 rows in chunks of 50: chunks 0, 2, 4 (the last one 40 rows) on rank 0, chunks 1, 3 on rank 1.
     _ok(run_cli(["predict", *PREDICT, *TWO, "--ckpt_path", "ck2/adapter", "--data.predict_output", "p2.jsonl"], d))
-    old = os.getcwd()
-    os.chdir(d)
-    try:
+    with _inside(d):
         cli_main(["predict", *PREDICT, "--ckpt_path", "ck2/adapter", "--data.predict_output", "p1.jsonl"])
-    finally:
-        os.chdir(old)
     one = [json.loads(line) for line in open(d / "p1.jsonl")]
     two = [json.loads(line) for line in open(d / "p2.jsonl")]
     gold = [json.loads(line)["output"] for line in open(d / "data/sample.jsonl")]

@@ -11,32 +11,12 @@ import torch
 from lightning.pytorch import Callback
 
 from finllm_pl.__main__ import cli_main
+from finllm_pl.assets import build_random_qwen_1_5b
 
 pytestmark = pytest.mark.gpu
 
-QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072,
-                 tie_word_embeddings=False, rms_norm_eps=1e-6)
-
-
-def build_qwen_1_5b(out: Path, tokenizer_dir: Path) -> Path:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = Qwen2Config(**QWEN_1_5B, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    del model
-    torch.cuda.empty_cache()
-    return out
-
-
 def test_qlora_fit_on_the_1_5b_architecture(workdir, tiny_dir):
-    model_dir = build_qwen_1_5b(workdir / "qwen1.5b", tiny_dir)
+    model_dir = build_random_qwen_1_5b(workdir / "qwen1.5b", tiny_dir)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     cli = cli_main(["fit", "--config", "configs/deepseek_r1_distill_qwen_1.5b.yaml",
