@@ -8,10 +8,13 @@ with the same per-step losses (benchmarks/fit_epoch.py).
 
 A graph replays fixed shapes and fixed addresses, so every micro-batch is first made static on the CPU
 (finllm_pl.data.static_batch, in the DataLoader, when data.static_batches is on, which model.cuda_graphs
-turns on): lengths padded up to a multiple of 32 tokens, the attention mask as an explicit 4D causal + padding
-mask (HF's own mask code inspects padding on the CPU, a sync a capture forbids), and the supervised positions as
-a fixed number of (position, target, weight) slots per row instead of a boolean gather whose size depends on the
-data. One graph per (rows, length, slots) shape, captured the first
+turns on): lengths padded up to a few bucket sizes (16, 24, ..., 64, 80, ...: `static_length`), the attention
+mask as an explicit 4D causal + padding mask (HF's own mask code inspects padding on the CPU, a sync a capture
+forbids), and the supervised positions as a fixed number of (position, target, weight) slots per row instead of
+a boolean gather whose size depends on the data. The prompt prefix every row of the micro-batch starts with
+(template + instruction; data.shared_prefix) runs once at batch 1 and its keys/values serve every row, gradients
+flowing back through them: fewer tokens, the same math; with LoRA dropout the rows share that prefix's dropout
+mask. One graph per (rows, prefix, length, slots) shape, captured the first
 time that shape comes, right after that batch's own eager step (the CUDA-graph docs warm up before capturing);
 all graphs share one memory pool, as they never run at the same time.
 
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import split_head
-from .scoring import _decoder_call
+from .scoring import _decoder_call, attention_mask_4d, mask_dtype, prefix_cache
 
 
 class GraphedLossBackward:
@@ -45,8 +48,13 @@ class GraphedLossBackward:
     def _loss_and_grads(self, st: dict[str, torch.Tensor]):
         dev = st["g_ids"].device.type
         with torch.autocast(dev, dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False):
-            hidden = _decoder_call(self.decoder, input_ids=st["g_ids"], attention_mask=st["g_mask"],
-                                   position_ids=st["g_pos"], use_cache=False).last_hidden_state
+            ids, mdt = st["g_ids"], mask_dtype(self.head)
+            kwargs = {"use_cache": False}
+            if "g_pre" in st:  # the rows' shared prefix, once: its keys/values serve every row (and get their grads)
+                kwargs = {"cache": prefix_cache(self.decoder, st["g_pre"], ids.shape[0], mdt), "use_cache": True}
+            hidden = _decoder_call(self.decoder, input_ids=ids, position_ids=st["g_pos"],
+                                   attention_mask=attention_mask_4d(st["g_mask"], self.decoder, mdt),
+                                   **kwargs).last_hidden_state
             h = hidden.gather(1, st["g_idx"][..., None].expand(-1, -1, hidden.shape[-1]))
             ce = F.cross_entropy(self.head(h.reshape(-1, h.shape[-1])).float(), st["g_tgt"].reshape(-1),
                                  reduction="none")
@@ -59,7 +67,7 @@ class GraphedLossBackward:
         if not self.use_graphs:
             loss, n, grads = self._loss_and_grads(st)
         else:
-            key = (tuple(st["g_ids"].shape), st["g_idx"].shape[1])
+            key = (tuple(st["g_mask"].shape), st["g_idx"].shape[1])  # (rows, length, prefix + length), slots
             if key not in self.graphs:
                 loss, n, grads = self._capture(key, st)
             else:

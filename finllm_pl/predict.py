@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import IterableDataset
 
-from .data import collate_prompts
+from .data import budget_batches, collate_prompts
 from .prompts import PromptFormatter
 from .records import DataError, iter_rows
 
@@ -92,11 +92,12 @@ class PredictStream(IterableDataset):
 
     def __init__(self, path: str, formatter: PromptFormatter, label_ids: list[list[int]], instruction: str,
                  text_column: str, batch_size: int, chunk_rows: int, max_length: int, labels: Sequence[str],
-                 rank: int = 0, world_size: int = 1, start_chunk: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, start_chunk: int = 0, max_tokens: Optional[int] = None) -> None:
         self.path, self.formatter, self.label_ids = path, formatter, label_ids
         self.instruction, self.text_column, self.labels = instruction, text_column, list(labels)
         self.batch_size, self.chunk_rows, self.max_length = batch_size, chunk_rows, max_length
         self.rank, self.world_size, self.start_chunk = rank, world_size, start_chunk
+        self.max_tokens = max_tokens
         self.longest_label = max(labels, key=lambda s: len(formatter.encode_answer(s)))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -115,8 +116,7 @@ class PredictStream(IterableDataset):
                        for r in chunk]
             prompts = [ids[:plen] for ids, _, plen, _ in prompts]
             order = sorted(range(len(chunk)), key=lambda i: -len(prompts[i]))
-            for s in range(0, len(order), self.batch_size):
-                idx = order[s:s + self.batch_size]
+            for idx in budget_batches(order, [len(p) for p in prompts], self.batch_size, self.max_tokens):
                 batch = collate_prompts([prompts[i] for i in idx], pad, self.label_ids)
                 batch["rows"] = [(chunk[i].index, chunk[i].id, chunk[i].output) for i in idx]
                 batch["chunk"] = (c, len(chunk))

@@ -109,7 +109,12 @@ def _tree_mask(prompt_mask: torch.Tensor, label_mask: torch.Tensor, P: int) -> t
     return visible, positions
 
 
-def _attention_mask(visible: torch.Tensor, decoder, dtype: torch.dtype) -> torch.Tensor:
+def mask_dtype(head) -> torch.dtype:
+    """The float type of an additive (eager attention) mask: the compute dtype the head's weight shows."""
+    return head.weight.dtype if head.weight.is_floating_point() else torch.float32
+
+
+def attention_mask_4d(visible: torch.Tensor, decoder, dtype: torch.dtype) -> torch.Tensor:
     """A custom 4D mask as the attention implementation takes it (HF passes 4D masks through unchanged)."""
     impl = getattr(decoder.config, "_attn_implementation", "sdpa")
     if impl == "eager":  # additive float mask
@@ -118,15 +123,19 @@ def _attention_mask(visible: torch.Tensor, decoder, dtype: torch.dtype) -> torch
     return visible[:, None]
 
 
-def _prefix_cache(decoder, prefix: torch.Tensor, B: int, memo: Optional[dict]):
-    """A KV cache holding `prefix` ([1, P]) for B rows. The prefix's keys/values are computed once per distinct
+def prefix_cache(decoder, prefix: torch.Tensor, B: int, dtype: torch.dtype, memo: Optional[dict] = None):
+    """A KV cache holding `prefix` ([1, P]) for B rows (differentiable: training backpropagates through it). The prefix's keys/values are computed once per distinct
     prefix and kept in `memo` (when given) for the next batches: the same instruction prefix heads every batch
     of a labeling job, and at batch 1 its forward is all kernel launches and no work."""
-    key = tuple(prefix[0].tolist())
+    key = tuple(prefix[0].tolist()) if memo is not None else None
     kv = memo.get(key) if memo is not None else None
     if kv is None:
-        out = _decoder_call(decoder, input_ids=prefix, attention_mask=prefix.new_ones(prefix.shape),
-                            position_ids=torch.arange(prefix.shape[1], device=prefix.device)[None], use_cache=True)
+        # An explicit causal 4D mask: HF's own mask code would look at the (all-ones) padding mask on the host,
+        # a device sync (and one a CUDA-graph capture forbids: training runs this inside one).
+        P = prefix.shape[1]
+        causal = torch.ones(P, P, dtype=torch.bool, device=prefix.device).tril()[None]
+        out = _decoder_call(decoder, input_ids=prefix, attention_mask=attention_mask_4d(causal, decoder, dtype),
+                            position_ids=torch.arange(P, device=prefix.device)[None], use_cache=True)
         kv = [(layer.keys, layer.values) for layer in _last_cache(out).layers]
         if memo is not None:
             if len(memo) >= 8:  # a job has one or a few instructions; never grow without bound
@@ -159,16 +168,16 @@ def score_labels(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, lab
     P = common_prefix_length(prompt_ids, prompt_mask) if min_prefix > 0 and B > 1 else 0
     P = P if P >= max(min_prefix, 1) else 0
     visible, positions = _tree_mask(prompt_mask, label_mask, P)
+    dtype = mask_dtype(head)
     ids = torch.cat([prompt_ids, label_ids[:, :-1].reshape(1, -1).expand(B, -1)], 1)
     if P:  # the prefix's cache (computed once, or remembered) for every row; then everything after it
         n = prompt_mask.sum(-1)
         prefix = prompt_ids[:1].gather(1, (T - n[:1, None]) + torch.arange(P, device=ids.device)[None])
-        kwargs = {"cache": _prefix_cache(decoder, prefix, B, prefix_memo), "use_cache": True}
+        kwargs = {"cache": prefix_cache(decoder, prefix, B, dtype, prefix_memo), "use_cache": True}
     else:
         kwargs = {"use_cache": False}
-    dtype = head.weight.dtype if head.weight.is_floating_point() else torch.float32
     hidden = _decoder_call(decoder, input_ids=ids[:, P:], position_ids=positions[:, P:],
-                           attention_mask=_attention_mask(visible[:, P:], decoder, dtype), **kwargs).last_hidden_state
+                           attention_mask=attention_mask_4d(visible[:, P:], decoder, dtype), **kwargs).last_hidden_state
     at = hidden[:, T - P - 1:]  # [B, 1 + M, H]: the last prompt token, then the tree
     # 2D into the head: a strided 3D slice makes torch pick a batched matmul that is ~30x slower on CPU
     logp = torch.log_softmax(head(at.reshape(-1, at.shape[-1])).float(), -1).view(B, at.shape[1], -1)  # [B, 1+M, V]

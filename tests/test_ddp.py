@@ -273,14 +273,20 @@ def test_train_sampler_shards_global_batches_over_ranks(n, batch_size, world):
     assert all(seen[i] == 1 + dup[i] for i in range(n))
 
 
-@pytest.mark.parametrize("n,batch_size,world", [(48, 16, 2), (48, 16, 3), (48, 7, 3), (5, 16, 3), (30, 4, 1)])
-def test_eval_sampler_counts_every_row_exactly_once(n, batch_size, world):
+@pytest.mark.parametrize("n,batch_size,world,max_tokens", [(48, 16, 2, None), (48, 16, 3, None), (48, 7, 3, None),
+                                                            (5, 16, 3, None), (30, 4, 1, None), (48, 16, 3, 40),
+                                                            (48, 16, 2, 5)])
+def test_eval_sampler_counts_every_row_exactly_once(n, batch_size, world, max_tokens):
     lengths = [(5 * i) % 13 + 1 for i in range(n)]
-    one = list(EvalBatchSampler(lengths, batch_size))
-    shards = [list(EvalBatchSampler(lengths, batch_size, rank=r, world_size=world)) for r in range(world)]
-    assert len({len(s) for s in shards}) == 1 and all(len(s) == len(EvalBatchSampler(lengths, batch_size, rank=r,
-                                                                                        world_size=world))
-                                                      for r, s in enumerate(shards))
+    one = list(EvalBatchSampler(lengths, batch_size, max_tokens=max_tokens))
+    shards = [list(EvalBatchSampler(lengths, batch_size, rank=r, world_size=world, max_tokens=max_tokens))
+              for r in range(world)]
+    assert len({len(s) for s in shards}) == 1 and all(
+        len(s) == len(EvalBatchSampler(lengths, batch_size, rank=r, world_size=world, max_tokens=max_tokens))
+        for r, s in enumerate(shards))
+    if max_tokens:  # a token budget: no batch over it unless one row alone is longer
+        assert all(len(b) == 1 or len(b) * max(lengths[i] for i, _ in b) <= max_tokens for b in one)
+        assert len(one) > -(-n // batch_size)  # it did cut more batches than the row count alone would
     counted = [i for s in shards for b in s for i, c in b if c]
     assert sorted(counted) == list(range(n))  # every row once
     # and each counted row sits in the very batch it has on one process (same padding, same scores)

@@ -77,6 +77,7 @@ def test_cuda_graphs_fit_follows_the_eager_fit(workdir, tiny_dir):
     eager, graphed = runs[False][0], runs[True][0]
     g = runs[True][1].model._graphed
     assert g is not None and g.use_graphs and len(g.graphs) >= 2  # really captured, more than one shape
+    assert all(rows_len_keys[2] > rows_len_keys[1] for (rows_len_keys, _) in g.graphs)  # with the shared prefix
     assert eager.keys() == graphed.keys() and len(eager) >= 4
     for step in eager:
         assert graphed[step] == pytest.approx(eager[step], rel=2e-2), (step, eager, graphed)

@@ -244,6 +244,17 @@ def test_prefix_reuse_changes_nothing_but_speed(tmp_path, trained):
     assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(fast, plain) for k in a["probs"]) < 1e-5
 
 
+def test_token_budget_batches_label_like_row_batches(tmp_path, trained):
+    _, adapter, _ = trained
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
+    rows = _predict(inp, tmp_path / "rows.jsonl", ckpt=adapter)
+    budget = _predict(inp, tmp_path / "budget.jsonl", "--data.eval_batch_size", "8", "--data.eval_batch_tokens",
+                      "150", ckpt=adapter)
+    assert [r["id"] for r in budget] == [r["id"] for r in rows] and [r["label"] for r in budget] == [r["label"] for r in rows]
+    assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(rows, budget) for k in a["probs"]) < 1e-5
+
+
 def test_a_kill_after_the_output_is_in_place_does_not_relabel(tmp_path, trained, monkeypatch, capsys):
     """Killed between putting the output in place and removing the progress files: the same command labels
     nothing again (the model is never called), leaves the output byte for byte, and cleans up. An output that

@@ -154,15 +154,31 @@ def test_dora_trains_its_magnitudes_and_exports_them(workdir, tiny_dir):
         assert torch.equal(ref[k], got[k]), k
 
 
-def test_cuda_graphs_step_gives_the_eager_steps_losses_and_adapter(workdir):
-    """model.cuda_graphs' fixed-shape step (lengths padded to 32, explicit 4D mask, supervised-token slots,
-    gradients from autograd.grad added into p.grad across the accumulation window) trains exactly like the
-    default step. Without CUDA it runs eagerly; the capture/replay itself is the gpu test's."""
-    args = FAST + ["--model.lora_dropout", "0"]  # dropout masks of padded shapes would differ from unpadded ones
-    ref_losses, graph_losses = Losses(), Losses()
+class SeenPrefix(Callback):
+    """The shared-prefix lengths of the static training batches (0 = the batch ran whole)."""
+
+    def __init__(self):
+        self.lengths = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lengths.append(batch["g_pre"].shape[1] if "g_pre" in batch else 0)
+
+
+@pytest.mark.parametrize("shared_prefix, attn", [(8, "sdpa"), (0, "sdpa"), (8, "eager")])
+def test_cuda_graphs_step_gives_the_eager_steps_losses_and_adapter(workdir, shared_prefix, attn):
+    """model.cuda_graphs' fixed-shape step (lengths padded to static buckets, explicit 4D mask, supervised-token
+    slots, the rows' common prefix run once with its keys/values shared, gradients from autograd.grad added into
+    p.grad across the accumulation window) trains exactly like the default step. Without CUDA it runs eagerly;
+    the capture/replay itself is the gpu test's."""
+    # (eager attention takes the 4D mask additive, sdpa boolean); no dropout: masks of padded shapes would differ
+    args = FAST + ["--model.lora_dropout", "0", "--model.attn_implementation", attn]
+    ref_losses, graph_losses, seen = Losses(), Losses(), SeenPrefix()
     ref = _adapter(_run(args, [ref_losses]))
-    cli = _run(args + ["--model.cuda_graphs", "true", "--checkpoint.dirpath", "ck_graphs"], [graph_losses])
+    cli = _run(args + ["--model.cuda_graphs", "true", "--checkpoint.dirpath", "ck_graphs",
+                       "--data.shared_prefix", str(shared_prefix)], [graph_losses, seen])
     assert cli.model._graphed is not None and cli.model._graphed.grads is not None  # the static path ran
+    # the prefix path ran on every batch (the smoke data's rows share template + instruction), or never
+    assert all(n >= 8 for n in seen.lengths) if shared_prefix else not any(seen.lengths)
     assert len(ref_losses.by_step) == 8 and ref_losses.by_step.keys() == graph_losses.by_step.keys()
     for step, loss in ref_losses.by_step.items():
         assert graph_losses.by_step[step] == pytest.approx(loss, rel=1e-5), step
@@ -179,10 +195,73 @@ def test_static_batch_slots_hold_every_supervised_token():
     ids = torch.arange(2 * 7).view(2, 7)
     mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
     labels = torch.tensor([[-100, -100, -100, 4, 5, 6, 7], [-100, -100, 2, 3, 4, -100, -100]])
-    st = static_batch(ids, mask, labels, 32)
-    assert st["g_ids"].shape == (2, 32) and st["g_mask"].shape == (2, 1, 32, 32)
+    st = static_batch(ids, mask, labels)
+    assert st["g_ids"].shape == (2, 16) and st["g_mask"].shape == (2, 16, 16) and "g_pre" not in st
     # hidden state t predicts token t+1: row 0 supervises positions 2..5, row 1 positions 1..3
     assert st["g_idx"].shape[1] == 4 and st["g_w"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert st["g_idx"][0].tolist() == [2, 3, 4, 5] and st["g_idx"][1, :3].tolist() == [1, 2, 3]
     assert st["g_tgt"][0].tolist() == [4, 5, 6, 7] and st["g_tgt"][1, :3].tolist() == [2, 3, 4]
-    assert not st["g_mask"][1, 0, 6, 5] and st["g_mask"][1, 0, 6, 4] and not st["g_mask"][0, 0, 2, 3]
+    assert not st["g_mask"][1, 6, 5] and st["g_mask"][1, 6, 4] and not st["g_mask"][0, 2, 3]
+
+
+def test_static_batch_splits_off_the_shared_prefix_before_the_first_supervised_token():
+    from finllm_pl.data import static_batch
+
+    # rows share tokens 0..4; row 1's answer starts at token 4, so its hidden state 3 is supervised: P = 3
+    ids = torch.tensor([[9, 8, 7, 6, 5, 1, 2, 3], [9, 8, 7, 6, 5, 4, 0, 0]])
+    mask = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
+    labels = torch.tensor([[-100] * 6 + [2, 3], [-100] * 4 + [5, 4, -100, -100]])
+    st = static_batch(ids, mask, labels, shared_prefix=3)
+    assert st["g_pre"].tolist() == [[9, 8, 7]]
+    assert st["g_ids"][:, :5].tolist() == [[6, 5, 1, 2, 3], [6, 5, 4, 0, 0]] and st["g_ids"].shape == (2, 16)
+    assert st["g_pos"][0, :3].tolist() == [3, 4, 5]  # positions continue after the prefix
+    assert st["g_mask"].shape == (2, 16, 3 + 16) and st["g_mask"][:, :, :3].all()  # everyone sees the prefix
+    assert st["g_mask"][1, 2, 3 + 2] and not st["g_mask"][1, 2, 3 + 3] and not st["g_mask"][1, 4, 3 + 3]
+    # suffix hidden t predicts suffix token t + 1: row 0 supervises suffix tokens 3, 4 (ids 2, 3), row 1 ids 5, 4
+    assert st["g_idx"][0, :2].tolist() == [2, 3] and st["g_tgt"][0, :2].tolist() == [2, 3]
+    assert st["g_idx"][1, :2].tolist() == [0, 1] and st["g_tgt"][1, :2].tolist() == [5, 4]
+    assert static_batch(ids, mask, labels, shared_prefix=4).keys() == st.keys() - {"g_pre"}  # 3 < 4: none
+
+
+def test_static_lengths_are_few_and_pad_little():
+    from finllm_pl.data import static_length
+
+    lengths = [static_length(n) for n in range(1, 513)]
+    assert lengths[:16] == [16] * 16 and static_length(17) == 24 and static_length(65) == 80
+    assert static_length(129) == 160 and static_length(512) == 512
+    assert all(0 <= s - n < max(8, n / 4) for n, s in zip(range(17, 513), lengths[16:]))  # <= a quarter-octave
+    assert len(set(lengths)) <= 24
+
+
+def test_budget_batches_cut_by_rows_and_padded_tokens():
+    from finllm_pl.data import budget_batches
+
+    lengths = [5, 3, 9, 9, 2, 7, 1, 30]
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])  # 7, 2, 3, 5, 0, 1, 4, 6
+    assert budget_batches(order, lengths, 3) == [[7, 2, 3], [5, 0, 1], [4, 6]]
+    got = budget_batches(order, lengths, 10, max_tokens=18)
+    assert got == [[7], [2, 3], [5, 0], [1, 4, 6]]  # 30 > 18 alone; 9 + 9; 7 + 5 (a third row: 3 x 7 > 18)
+    assert [i for b in got for i in b] == order
+    asc = order[::-1]  # ascending order: the batch's longest row is its last
+    assert all(len(b) * max(lengths[i] for i in b) <= 12 or len(b) == 1 for b in budget_batches(asc, lengths, 8, 12))
+
+
+def test_dequantize_once_trains_exactly_like_the_4bit_layers(workdir):
+    """model.dequantize_once swaps each 4-bit layer for a plain one holding its dequantized weight: the same
+    losses and adapter as dequantizing at every forward and backward (dropout off: the RNG draws would match
+    anyway, this keeps the comparison about the weights)."""
+    import bitsandbytes as bnb
+
+    args = FAST + ["--model.lora_dropout", "0", "--trainer.max_epochs", "1"]
+    ref_losses, once_losses = Losses(), Losses()
+    ref_cli = _run(args, [ref_losses])
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in ref_cli.model.model.modules())
+    cli = _run(args + ["--model.dequantize_once", "true", "--checkpoint.dirpath", "ck_once"], [once_losses])
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in cli.model.model.modules())
+    assert ref_losses.by_step.keys() == once_losses.by_step.keys() and len(ref_losses.by_step) >= 3
+    for step, loss in ref_losses.by_step.items():
+        assert once_losses.by_step[step] == pytest.approx(loss, rel=1e-5), step
+    ref, got = _adapter(ref_cli), _adapter(cli)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
