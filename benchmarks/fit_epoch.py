@@ -12,11 +12,14 @@ tokenization. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import re
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,10 +33,11 @@ from finllm_pl.assets import build_random_qwen_1_5b  # noqa: E402
 
 
 class EpochClock(Callback):
-    """Wall time of the training epoch and the per-step losses."""
+    """Wall time of each training epoch and the per-step losses."""
 
     def __init__(self):
-        self.t0 = self.seconds = None
+        self.t0 = None
+        self.seconds = []
         self.losses = {}
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -46,7 +50,65 @@ class EpochClock(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.t0
+        self.seconds.append(time.perf_counter() - self.t0)
+
+
+VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?P<compile>_compile)?")
+
+
+class StepProfiler(Callback):
+    """torch.profiler over `steps` training batches of the last epoch (after its first 20): GPU busy fraction,
+    top kernels and host ops (benchmarks/gpu_throughput.py's summary)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.prof, self.t0, self.result = steps, None, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == trainer.max_epochs - 1 and batch_idx == 20 and self.steps:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.start()
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.prof is not None and batch_idx == 20 + self.steps - 1:
+            from gpu_throughput import summarize_profile
+
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.stop()
+            self.result = summarize_profile(self.prof, wall)
+            self.result["batches"] = self.steps
+            self.prof = None
+
+
+@contextmanager
+def compiled_layers(on: bool):
+    """Exploration, not a product option (yet): torch.compile each decoder layer of the graphed step (fused
+    elementwise kernels inside the captured graphs; dynamic shapes, so the length buckets share one compile)."""
+    if not on:
+        yield
+        return
+    import torch._dynamo as dynamo
+
+    from finllm_pl import graphs
+
+    init = graphs.GraphedLossBackward.__init__
+
+    def compiling_init(self, model, *args, **kwargs):
+        init(self, model, *args, **kwargs)
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        for layer in self.decoder.layers:
+            layer.compile(dynamic=True)
+
+    graphs.GraphedLossBackward.__init__ = compiling_init
+    try:
+        yield
+    finally:
+        graphs.GraphedLossBackward.__init__ = init
+        dynamo.reset()
 
 
 def main(argv=None) -> int:
@@ -55,46 +117,83 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="instruction JSONL (the 13,173-row sentiment set)")
     ap.add_argument("--out", default="results/gpu/fit_epoch.json")
     ap.add_argument("--variants", default="eager,graphs",
-                    help="comma list of eager | graphs, optionally _m<micro>x<accumulation> (default: the config's 32x1)")
+                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_compile]: "
+                         "the config's settings unless a part overrides them (noprefix: data.shared_prefix 0; once: "
+                         "model.dequantize_once; compile: torch.compile per decoder layer, an experiment)")
+    ap.add_argument("--epochs", type=int, default=1, help="epochs per variant; each is timed (the first captures)")
+    ap.add_argument("--limit-batches", type=int, default=None, help="micro-batches per epoch (default: all)")
+    ap.add_argument("--profile-steps", type=int, default=0, help="profile this many batches of the last epoch")
     a = ap.parse_args(argv)
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "data": os.path.abspath(a.data),
                "config": "configs/deepseek_r1_distill_qwen_1.5b_fast.yaml", "runs": []}
     with tempfile.TemporaryDirectory(prefix="finllm_epoch_") as tmp:
         model_dir = build_random_qwen_1_5b(Path(tmp) / "qwen1.5b", a.tokenizer)
         for name in a.variants.split(","):
-            mode, _, shape = name.partition("_m")
-            micro, _, accum = shape.partition("x") if shape else ("32", "", "1")
-            clock = EpochClock()
+            m = VARIANT.fullmatch(name)
+            if not m:
+                ap.error(f"--variants: cannot read {name!r}")
+            over = ["--model.cuda_graphs", str(m["mode"] == "graphs").lower()]
+            if m["micro"]:
+                over += ["--data.batch_size", m["micro"], "--model.accumulate_grad_batches", m["accum"]]
+            if m["noprefix"]:
+                over += ["--data.shared_prefix", "0"]
+            if m["workers"]:
+                over += ["--data.num_workers", m["workers"]]
+            if m["once"]:
+                over += ["--model.dequantize_once", "true"]
+            if a.limit_batches:
+                over += ["--trainer.limit_train_batches", str(a.limit_batches)]
+            clock, prof = EpochClock(), StepProfiler(a.profile_steps)
             torch.cuda.reset_peak_memory_stats()
             cli = cli_main(["--config", results["config"], "--model.model_name_or_path", str(model_dir),
-                            "--data.train_path", a.data, "--data.val_fraction", "0", "--trainer.max_epochs", "1",
-                            "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                            "--data.train_path", a.data, "--data.val_fraction", "0", "--trainer.max_epochs",
+                            str(a.epochs), "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                             "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", f"{tmp}/{name}",
                             "--checkpoint.dirpath", f"{tmp}/{name}", "--checkpoint.every_n_train_steps", "100000",
-                            "--data.batch_size", micro, "--model.accumulate_grad_batches", accum,
-                            "--model.cuda_graphs", str(mode == "graphs").lower()], run=False)
-            cli.trainer.callbacks.append(clock)
-            cli.trainer.fit(cli.model, cli.datamodule)
-            g = cli.model._graphed
-            run = {"variant": name, "micro": int(micro), "accumulation": int(accum), "epoch_s": clock.seconds, "steps": cli.trainer.global_step,
-                   "rows": len(cli.datamodule.train_set), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                            *over], run=False)
+            cli.trainer.callbacks.extend([clock, prof])
+            with compiled_layers(bool(m["compile"])):
+                cli.trainer.fit(cli.model, cli.datamodule)
+            g, dm = cli.model._graphed, cli.datamodule
+            tokens = sum(dm.train_set["length"])
+            run = {"variant": name, "micro": dm.hparams.batch_size, "accumulation": cli.model.hparams.accumulate_grad_batches,
+                   "shared_prefix": dm.hparams.shared_prefix, "num_workers": dm.hparams.num_workers,
+                   "epoch_s": clock.seconds[0], "epochs_s": clock.seconds, "steps": cli.trainer.global_step,
+                   "rows": len(dm.train_set), "tokens_per_epoch": tokens, "tok_s": tokens / clock.seconds[0],
+                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "graphs_captured": len(g.graphs) if g is not None else 0,
                    "losses": [round(clock.losses[k], 4) for k in sorted(clock.losses)]}
+            if prof.result is not None:
+                from gpu_throughput import profile_text
+
+                run["profile"] = prof.result
+                print(profile_text(name, prof.result), flush=True)
             results["runs"].append(run)
-            print(f"{name}: epoch {run['epoch_s']:.1f} s, {run['steps']} steps, peak {run['peak_gib']:.2f} GiB, "
-                  f"graphs {run['graphs_captured']}", flush=True)
-            del cli
+            print(f"{name}: epochs {[round(x, 1) for x in run['epochs_s']]} s, {run['steps']} steps, peak "
+                  f"{run['peak_gib']:.2f} GiB, graphs {run['graphs_captured']}", flush=True)
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(results, indent=1))  # so far: a later variant may run out of time
+            if g is not None:  # the graphs hold their memory pool: free it before the next variant
+                g.graphs.clear()
+                g.pool = None
+            del cli, g, dm
+            gc.collect()
             torch.cuda.empty_cache()
     base = next((r for r in results["runs"] if r["variant"] == "eager"), None)
-    lines = ["| variant | s/epoch | steps | peak GiB | CUDA graphs | x eager | mean loss, last 20 steps |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | micro x accum | s/epoch (1st) | later epochs | tokens/s (1st) | steps | peak GiB | graphs "
+             "| x eager | mean loss, last 20 steps | max abs loss diff vs eager |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         r["x_eager"] = base["epoch_s"] / r["epoch_s"] if base else None
+        both = list(zip(base["losses"], r["losses"])) if base else []
+        r["max_loss_diff_vs_eager"] = max((abs(x - y) for x, y in both), default=None)
         tail = r["losses"][-20:]
-        lines.append(f"| {r['variant']} | {r['epoch_s']:.1f} | {r['steps']} | {r['peak_gib']:.2f} | "
-                     f"{r['graphs_captured']} | {'-' if r['x_eager'] is None else format(r['x_eager'], '.2f')} | "
-                     f"{sum(tail) / max(len(tail), 1):.4f} |")
+        lines.append(f"| {r['variant']} | {r['micro']} x {r['accumulation']} | {r['epoch_s']:.1f} | "
+                     f"{', '.join(format(x, '.1f') for x in r['epochs_s'][1:]) or '-'} | {r['tok_s']:,.0f} | "
+                     f"{r['steps']} | {r['peak_gib']:.2f} | {r['graphs_captured']} | "
+                     f"{'-' if r['x_eager'] is None else format(r['x_eager'], '.2f')} | "
+                     f"{sum(tail) / max(len(tail), 1):.4f} | "
+                     f"{'-' if r['max_loss_diff_vs_eager'] is None else format(r['max_loss_diff_vs_eager'], '.4f')} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1))
     print("\n".join(lines))

@@ -48,7 +48,7 @@ warnings.filterwarnings("ignore", message=r".*checkpointing.* is deprecated", ca
 import torch  # noqa: E402
 
 from finllm_pl.assets import QWEN_1_5B  # noqa: E402
-from finllm_pl.data import LengthGroupedBatchSampler, collate_prompts, collate_train, default_cache_dir, tokenize_file  # noqa: E402
+from finllm_pl.data import LengthGroupedBatchSampler, budget_batches, collate_prompts, collate_train, default_cache_dir, tokenize_file  # noqa: E402
 from finllm_pl.model import add_lora, load_base_model, split_head  # noqa: E402
 from finllm_pl.prompts import DEFAULT_INSTRUCTION, DEFAULT_LABELS, PromptFormatter  # noqa: E402
 from finllm_pl.scoring import _decoder_call, common_prefix_length, loss_sum, score_labels  # noqa: E402
@@ -633,29 +633,34 @@ def cleanup_train(model, v: Variant, device, init_state, args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Labeling
 # ---------------------------------------------------------------------------------------------------------
-LABEL_JOB = re.compile(r"(score|cache|generate)_b(\d+)(_prefix)?(_nomemo)?(_nocudnn)?(_merged)?(_compile)?(?:_pad(\d+))?$")
+LABEL_JOB = re.compile(r"(score|cache|generate)_b(\d+)(_prefix)?(_nomemo)?(_nocudnn)?(_merged)?(_compile)?(?:_pad(\d+))?"
+                       r"(?:_tok(\d+))?$")
 
 
 def label_spec(name: str) -> dict:
-    """score|cache|generate _b<batch> [_prefix] [_nomemo] [_nocudnn] [_merged] [_compile] [_pad<N>]: method (score = the
+    """score|cache|generate _b<batch> [_prefix] [_nomemo] [_nocudnn] [_merged] [_compile] [_pad<N>] [_tok<T>]: method (score = the
     project's one-pass label tree, cache = the previous per-label KV-cache repeat), batch, shared-prefix reuse,
     no prefix cache kept between batches, cuDNN attention off, the merged bf16 model (export --merged) instead of
     NF4 + LoRA, torch.compile per decoder layer (dynamic shapes; compiled during the warm-up, whose time is
-    reported), and prompt lengths padded up to a multiple of N (fewer distinct shapes)."""
+    reported), prompt lengths padded up to a multiple of N (fewer distinct shapes), and batches also cut at T padded
+    prompt tokens (data.eval_batch_tokens; <batch> is then the most rows a batch holds)."""
     m = LABEL_JOB.match(name)
     if not m:
         raise ValueError(f"labeling job {name!r}: expected e.g. score_b512_prefix, cache_b512_prefix_nocudnn_pad16")
     return {"method": m[1], "batch": int(m[2]), "prefix": bool(m[3]) and m[1] != "generate",
             "memo": m[1] == "score" and not m[4], "cudnn": not m[5], "merged": bool(m[6]), "compile": bool(m[7]),
-            "pad_multiple": int(m[8] or 1)}
+            "pad_multiple": int(m[8] or 1), "max_tokens": int(m[9]) if m[9] else None}
 
 
-def label_batches(prompts, batch: int, gen: bool, pad_id: int, label_ids, pad_multiple: int = 1):
-    """(batches, order): score_labels' batches are sorted by length (a batch pads to nearly its own length);
-    `order[j]` is the index into `prompts` of the j-th row fed, so outputs can be put back in input order."""
-    order = list(range(len(prompts))) if gen else sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batches = [collate_prompts([prompts[i] for i in order[s:s + batch]], pad_id, label_ids)
-               for s in range(0, len(order), batch)]
+def label_batches(prompts, batch: int, gen: bool, pad_id: int, label_ids, pad_multiple: int = 1,
+                  max_tokens: int | None = None):
+    """(batches, order): score_labels' batches are sorted by length (a batch pads to nearly its own length) and
+    cut as predict cuts them (finllm_pl.data.budget_batches); `order[j]` is the index into `prompts` of the j-th
+    row fed, so outputs can be put back in input order."""
+    order = list(range(len(prompts))) if gen else sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    cuts = budget_batches(order, [len(p) for p in prompts], batch, max_tokens)
+    order = [i for idx in cuts for i in idx]
+    batches = [collate_prompts([prompts[i] for i in idx], pad_id, label_ids) for idx in cuts]
     for b in batches:  # extra left padding up to a multiple (masked: the scores do not change)
         extra = -b["prompt_ids"].shape[1] % pad_multiple
         if extra:
@@ -673,7 +678,7 @@ def run_label(name: str, model, prompts, label_ids, args, device, dtype, profile
     spec = label_spec(name)
     batch, prefix, gen = spec["batch"], spec["prefix"], spec["method"] == "generate"
     autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else nullcontext()
-    batches, order = label_batches(prompts, batch, gen, args.pad_id, label_ids, spec["pad_multiple"])
+    batches, order = label_batches(prompts, batch, gen, args.pad_id, label_ids, spec["pad_multiple"], spec["max_tokens"])
     min_prefix = MIN_PREFIX if prefix else 0
     scorer = score_labels_cache if spec["method"] == "cache" else score_labels
     memo = {} if spec["memo"] else None  # one memo per job and pass, as predict keeps one per run
