@@ -125,6 +125,8 @@ CASES = [
     ("zero-batch-size", {}, FIT + ["--data.batch_size", "0"], ["data.batch_size must be >= 1, got 0"]),
     ("negative-batch-size", {}, FIT + ["--data.batch_size", "-4"], ["data.batch_size must be >= 1, got -4"]),
     ("zero-eval-batch-size", {}, FIT + ["--data.eval_batch_size", "0"], ["data.eval_batch_size must be >= 1"]),
+    ("zero-eval-batch-tokens", {}, FIT + ["--data.eval_batch_tokens", "0"], ["data.eval_batch_tokens must be >= 1"]),
+    ("negative-shared-prefix", {}, FIT + ["--data.shared_prefix", "-1"], ["data.shared_prefix must be >= 0"]),
     ("wrong-type-config-value", {}, FIT + ["--data.batch_size", "eight"], ["data.batch_size", "--help"]),
     ("negative-learning-rate", {}, FIT + ["--model.learning_rate=-1e-4"], ["model.learning_rate must be > 0"]),
     ("unknown-lr-decay", {}, FIT + ["--model.lr_decay", "exponential"], ["model.lr_decay", "--help"]),
