@@ -402,7 +402,7 @@ class InstructionDataModule(L.LightningDataModule):
                 (rows x longest row): GPU-sized batches of many short or few long rows, little padding. null = rows only.
             group_by_length: batch rows of similar length together (less padding).
             seed: seed of the validation split and of the batch order.
-            num_workers: DataLoader worker processes.
+            num_workers: DataLoader worker processes (prediction reads with at most 1).
             static_batches: add the fixed-shape inputs CUDA graphs replay to training batches (linked to
                 model.cuda_graphs; do not set it twice).
             shared_prefix: static batches: when every row of a micro-batch starts with at least this many common
@@ -540,7 +540,9 @@ class InstructionDataModule(L.LightningDataModule):
                                hp.text_column, hp.eval_batch_size, hp.predict_chunk_rows, hp.max_length, hp.labels,
                                max_tokens=hp.eval_batch_tokens,
                                rank=rank, world_size=world, start_chunk=start)
-        return DataLoader(stream, batch_size=None, num_workers=0)
+        # One worker at most: it reads and tokenizes the next batches while the GPU labels (a stream split over
+        # several workers would repeat rows); 0 reads in the main process.
+        return DataLoader(stream, batch_size=None, num_workers=min(hp.num_workers, 1))
 
     # -- exact mid-epoch resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -125,34 +125,6 @@ def load_base_model(
     return model
 
 
-def dequantize_base(model, dtype: torch.dtype) -> int:
-    """Replace every 4-bit linear layer by a plain frozen one holding its dequantized weight; returns how many.
-
-    The weights are the 4-bit model's own (dequantize_4bit is exactly what each forward and backward computes
-    before its matmul), so results do not change; the layers stop re-dequantizing at every use (3 kernels per
-    layer per forward and per backward: a third of a QLoRA step's ~7,000 kernels) at the cost of 2 bytes per
-    weight of memory (2.6 GB for the 1.5B model) for the run.
-    """
-    import bitsandbytes as bnb
-
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, bnb.nn.Linear4bit):
-                continue
-            w = child.weight
-            plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                    device=w.device, dtype=dtype)
-            with torch.no_grad():
-                plain.weight.copy_(bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype))
-                if child.bias is not None:
-                    plain.bias.copy_(child.bias.to(dtype))
-            plain.requires_grad_(False)
-            setattr(parent, name, plain)
-            count += 1
-    return count
-
-
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Short names of the linear layers LoRA can target (q_proj, ...), excluding the output head."""
     import bitsandbytes as bnb  # noqa: F401  (registers Linear4bit)

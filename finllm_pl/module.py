@@ -64,6 +64,7 @@ class FinLLM(L.LightningModule):
         gradient_checkpointing: bool = False,
         cuda_graphs: bool = False,
         dequantize_once: bool = False,
+        merge_for_labeling: bool = False,
         max_nonfinite_steps: int = 5,
         labels: list[str] = list(DEFAULT_LABELS),
         predict_mode: Literal["score", "generate"] = "score",
@@ -99,6 +100,9 @@ class FinLLM(L.LightningModule):
             dequantize_once: keep the 4-bit base dequantized (in compute dtype) for the whole run instead of
                 dequantizing every layer at every forward and backward: the same weights and results, fewer GPU
                 kernels per step, +2 bytes per base weight of memory (2.6 GB for the 1.5B model).
+            merge_for_labeling: validate / predict (not fit): fold the adapter into the base weights in memory
+                first (peft merge_adapter), as `export --merged` does on disk: ~13% more rows/s on an H100, scores
+                equal up to bf16 rounding. Needs full-precision base weights: dequantize_once or quantization none.
             max_nonfinite_steps: stop the run after this many non-finite steps in a row (each one is skipped).
             labels: the label set scored by validation and predict (linked to data.labels).
             predict_mode: score (the label with the highest log P(label + EOS | prompt); always a valid label, with
@@ -109,6 +113,9 @@ class FinLLM(L.LightningModule):
                 prompt, instruction) once instead of per row: same scores up to float rounding, ~1.3x faster.
         """
         super().__init__()
+        if merge_for_labeling and quantization != "none" and not dequantize_once:
+            raise ConfigError("model.merge_for_labeling folds the adapter into full-precision base weights: set "
+                              "model.dequantize_once true (or model.quantization none)")
         if accumulate_grad_batches < 1:
             raise ConfigError(f"model.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         if max_new_tokens < 1:
@@ -127,6 +134,7 @@ class FinLLM(L.LightningModule):
         self._pending: dict[str, Any] = {}
         self.schedule = None
         self._graphed = None  # GraphedLossBackward when model.cuda_graphs
+        self._merged = False  # model.merge_for_labeling done
 
     # -- model -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -143,8 +151,10 @@ class FinLLM(L.LightningModule):
                                   hp.trust_remote_code)
         base.config.use_cache = False
         if hp.dequantize_once and hp.quantization != "none":
-            n = hf.dequantize_base(base, dtype)
-            rank_zero_info(f"model.dequantize_once: {n} 4-bit layers kept dequantized in {dtype}")
+            # transformers' own: each 4-bit layer becomes a plain one holding dequantize_4bit(weight), the very
+            # values every 4-bit forward and backward computes before its matmul. Same results, 3 fewer kernels per
+            # layer per forward and per backward (a third of a QLoRA step's), +2 bytes per weight for the run.
+            base = base.dequantize()
         if hp.adapter_path:
             model = hf.load_adapter(base, hp.adapter_path, trainable=True)
             if hp.gradient_checkpointing:
@@ -304,12 +314,21 @@ class FinLLM(L.LightningModule):
         self._window = {"loss": 0.0, "tokens": 0, "micro": 0, "t0": None, "all_tokens": 0}
 
     # -- validation: loss + label scoring ------------------------------------------------------------------
+    def _merge_for_labeling(self) -> None:
+        """Fold the adapter in (once), after any checkpoint's weights were loaded: validate/predict runs only."""
+        if (self.hparams.merge_for_labeling and self.trainer.state.fn != "fit" and not self._merged
+                and hasattr(self.model, "merge_adapter")):  # (an untuned base has no adapter to fold in)
+            self.model.merge_adapter()
+            self._merged = True
+
     def on_validation_epoch_start(self) -> None:
+        self._merge_for_labeling()
         self._val = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.metrics.reset()
         self._prefix_memo = {}  # prefix KV caches of this run only: training changes the adapter between runs
 
     def on_predict_epoch_start(self) -> None:
+        self._merge_for_labeling()
         self._prefix_memo = {}
 
     def _score(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import time
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -140,6 +141,7 @@ class PredictionWriter(BasePredictionWriter):
         self.pending: dict[int, dict[str, Any]] = {}  # chunk -> {"size", "rows": {index: line}}
         self.report: Optional[dict[str, Any]] = None  # counts and metrics of the finished output (rank 0)
         self.done_before = False  # an earlier run of this job completed the output (see finished_earlier)
+        self.speed: Optional[dict[str, float]] = None  # rows this process labeled in this run, and in how long
 
     def on_predict_start(self, trainer, pl_module) -> None:
         out_dir = os.path.dirname(os.path.abspath(self.output))
@@ -150,6 +152,7 @@ class PredictionWriter(BasePredictionWriter):
         if os.path.isdir(self.output):
             raise DataError(f"{self.output}: is a folder; set data.predict_output to a file path")
         self.rank, self.world = trainer.global_rank, trainer.world_size
+        self.t0, self.labeled = time.perf_counter(), 0
         self.done_before = finished_earlier(self.output, self.world, self.expect)  # the data yields nothing then
         if self.done_before:
             return
@@ -161,6 +164,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         c, size = batch["chunk"]
+        self.labeled += len(prediction["rows"])
         slot = self.pending.setdefault(c, {"size": size, "rows": {}})
         probs = torch.softmax(prediction["scores"], -1) if "scores" in prediction else None
         for j, (index, rid, gold) in enumerate(prediction["rows"]):
@@ -201,6 +205,8 @@ class PredictionWriter(BasePredictionWriter):
             self.file.close()
         if self.pending:
             raise RuntimeError(f"prediction ended with unfinished chunks {sorted(self.pending)}")
+        seconds = time.perf_counter() - self.t0
+        self.speed = {"rows": self.labeled, "seconds": seconds, "rows_s": self.labeled / max(seconds, 1e-9)}
         trainer.strategy.barrier()
         if self.rank == 0:
             if self.done_before:
@@ -208,7 +214,7 @@ class PredictionWriter(BasePredictionWriter):
             else:
                 finish_output(self.output, self.world, self.expect["chunk_rows"])
             self.report = prediction_report(self.output, self.labels)
-            _announce(self.output, self.report)
+            _announce(self.output, self.report, self.speed)
         trainer.strategy.barrier()
 
 
@@ -305,11 +311,13 @@ def prediction_report(output: str, labels: Sequence[str], block: int = 65536) ->
     return {"output": output, **counts, **report}
 
 
-def _announce(output: str, report: dict[str, Any]) -> None:
+def _announce(output: str, report: dict[str, Any], speed: Optional[dict[str, float]] = None) -> None:
     """One line on stderr; with gold labels, the metrics as JSON + Markdown + PNG beside the output."""
     from .metrics import write_report
 
     line = f"labeled {report['rows']} rows -> {output}"
+    if speed and speed["rows"]:
+        line += f" ({speed['rows']} by this process in {speed['seconds']:.1f} s, {speed['rows_s']:,.0f} rows/s)"
     if report["unparsed"]:
         line += f"; {report['unparsed']} generated answers named no single label (label null)"
     if "accuracy" in report:

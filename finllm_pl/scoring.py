@@ -124,9 +124,10 @@ def attention_mask_4d(visible: torch.Tensor, decoder, dtype: torch.dtype) -> tor
 
 
 def prefix_cache(decoder, prefix: torch.Tensor, B: int, dtype: torch.dtype, memo: Optional[dict] = None):
-    """A KV cache holding `prefix` ([1, P]) for B rows (differentiable: training backpropagates through it). The prefix's keys/values are computed once per distinct
-    prefix and kept in `memo` (when given) for the next batches: the same instruction prefix heads every batch
-    of a labeling job, and at batch 1 its forward is all kernel launches and no work."""
+    """A KV cache holding `prefix` ([1, P]) for B rows; differentiable (training backpropagates through it).
+    Labeling passes `memo`: the prefix's keys/values are computed once per distinct prefix and kept for the next
+    batches (the same instruction prefix heads every batch of a job; at batch 1 its forward is all kernel
+    launches and no work). `dtype`: of an additive mask (eager attention)."""
     key = tuple(prefix[0].tolist()) if memo is not None else None
     kv = memo.get(key) if memo is not None else None
     if kv is None:

@@ -127,6 +127,8 @@ CASES = [
     ("zero-eval-batch-size", {}, FIT + ["--data.eval_batch_size", "0"], ["data.eval_batch_size must be >= 1"]),
     ("zero-eval-batch-tokens", {}, FIT + ["--data.eval_batch_tokens", "0"], ["data.eval_batch_tokens must be >= 1"]),
     ("negative-shared-prefix", {}, FIT + ["--data.shared_prefix", "-1"], ["data.shared_prefix must be >= 0"]),
+    ("merge-into-4bit", {}, FIT + ["--model.merge_for_labeling", "true"], ["model.merge_for_labeling",
+                                                                           "model.dequantize_once true"]),
     ("wrong-type-config-value", {}, FIT + ["--data.batch_size", "eight"], ["data.batch_size", "--help"]),
     ("negative-learning-rate", {}, FIT + ["--model.learning_rate=-1e-4"], ["model.learning_rate must be > 0"]),
     ("unknown-lr-decay", {}, FIT + ["--model.lr_decay", "exponential"], ["model.lr_decay", "--help"]),

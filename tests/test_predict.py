@@ -253,6 +253,32 @@ def test_token_budget_batches_label_like_row_batches(tmp_path, trained):
                       "150", ckpt=adapter)
     assert [r["id"] for r in budget] == [r["id"] for r in rows] and [r["label"] for r in budget] == [r["label"] for r in rows]
     assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(rows, budget) for k in a["probs"]) < 1e-5
+    # the stream read and tokenized in a worker process: the same rows, once each, in input order
+    worker = _predict(inp, tmp_path / "worker.jsonl", "--data.eval_batch_size", "8", "--data.eval_batch_tokens",
+                      "150", "--data.num_workers", "2", ckpt=adapter)
+    assert worker == budget
+
+
+def test_merge_for_labeling_labels_like_the_adapter(tmp_path, trained, monkeypatch):
+    from peft.tuners.tuners_utils import BaseTuner
+
+    merges = []
+    merge = BaseTuner.merge_adapter
+    monkeypatch.setattr(BaseTuner, "merge_adapter", lambda self, *a, **k: (merges.append(1), merge(self, *a, **k))[1])
+    _, adapter, _ = trained
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
+    plain = _predict(inp, tmp_path / "plain.jsonl", ckpt=adapter)
+    assert not merges
+    merged = _predict(inp, tmp_path / "merged.jsonl", "--model.dequantize_once", "true",
+                      "--model.merge_for_labeling", "true", ckpt=adapter)
+    assert len(merges) == 1  # folded in once, and it is what labeled
+    assert [r["label"] for r in merged] == [r["label"] for r in plain]
+    diff = max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(plain, merged) for k in a["probs"])
+    assert diff < 1e-4  # fp32 here: folding B @ A into the weights changes rounding only
+    untuned = _predict(inp, tmp_path / "base.jsonl", "--model.dequantize_once", "true", "--model.merge_for_labeling",
+                       "true")  # no adapter: nothing to fold in
+    assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(plain, untuned) for k in a["probs"]) > 1e-3
 
 
 def test_a_kill_after_the_output_is_in_place_does_not_relabel(tmp_path, trained, monkeypatch, capsys):
