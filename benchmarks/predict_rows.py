@@ -1,0 +1,103 @@
+"""Labeling through the real CLI (`predict`): rows/s of the whole job, on the same GPU in the same run.
+
+The DeepSeek-R1-Distill-Qwen-1.5B architecture with random weights (the hub is unreachable) is saved to a temp
+folder with the tokenizer from --tokenizer, with a LoRA adapter (r=4 on q/k/v/o, random A and B: a trained
+adapter's shape, so folding it in changes the weights). Then `predict` runs configs/deepseek_r1_distill_qwen_1.5b_fast.yaml
+on --data once per variant. Timed by predict itself (its last line: from the start of labeling to the finished
+output: reading, tokenizing, scoring and writing every row), not model loading. Prints a table and writes JSON; label agreement is against the first variant.
+
+    python benchmarks/predict_rows.py --tokenizer DIR --data instruction_formatted_data.jsonl --out results/gpu/predict_rows.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from finllm_pl.__main__ import cli_main  # noqa: E402
+from finllm_pl.assets import build_random_qwen_1_5b  # noqa: E402
+from finllm_pl.predict import PredictionWriter  # noqa: E402
+
+VARIANTS = {  # name: overrides of the fast config
+    "rows1024": ["--data.eval_batch_size", "1024", "--data.eval_batch_tokens", "null"],
+    "config": [],
+    "once": ["--model.dequantize_once", "true"],
+    "merge": ["--model.dequantize_once", "true", "--model.merge_for_labeling", "true"],
+    "merge_w1": ["--model.dequantize_once", "true", "--model.merge_for_labeling", "true", "--data.num_workers", "1"],
+    "config_w1": ["--data.num_workers", "1"],
+}
+
+
+def make_adapter(model_dir: Path, out: Path) -> Path:
+    from finllm_pl import model as hf
+
+    base = hf.load_base_model(str(model_dir), "none", torch.bfloat16, torch.device("cuda"))
+    peft_model = hf.add_lora(base, 4, 8, 0.05, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    peft_model.save_pretrained(str(out))
+    del peft_model, base
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--data", required=True, help="JSONL to label (the 13,173-row sentiment set)")
+    ap.add_argument("--out", default="results/gpu/predict_rows.json")
+    ap.add_argument("--variants", default="rows1024,config,once,merge", help=f"comma list of {', '.join(VARIANTS)}, each optionally + _nocudnn")
+    a = ap.parse_args(argv)
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "data": os.path.abspath(a.data),
+               "config": "configs/deepseek_r1_distill_qwen_1.5b_fast.yaml", "runs": []}
+    labels = {}
+    with tempfile.TemporaryDirectory(prefix="finllm_predict_") as tmp:
+        model_dir = build_random_qwen_1_5b(Path(tmp) / "qwen1.5b", a.tokenizer)
+        adapter = make_adapter(model_dir, Path(tmp) / "adapter")
+        for name in a.variants.split(","):
+            base_name, nocudnn = name.removesuffix("_nocudnn"), name.endswith("_nocudnn")
+            torch.backends.cuda.enable_cudnn_sdp(not nocudnn)  # _nocudnn: SDPA without its cuDNN backend
+            out = Path(tmp) / f"{name}.jsonl"
+            torch.cuda.reset_peak_memory_stats()
+            cli = cli_main(["predict", "--config", results["config"], "--model.model_name_or_path", str(model_dir),
+                            "--ckpt_path", str(adapter), "--data.predict_path", a.data,
+                            "--data.predict_output", str(out), "--trainer.logger", "false",
+                            "--trainer.enable_progress_bar", "false", *VARIANTS[base_name]])
+            writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
+            rows = [json.loads(line) for line in out.read_text().splitlines()]
+            labels[name] = [r["label"] for r in rows]
+            first = next(iter(labels))
+            run = {"variant": name, "overrides": VARIANTS[base_name] + (["(cuDNN attention off)"] if nocudnn else []), "rows": len(rows), **writer.speed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                   "label_agreement": sum(x == y for x, y in zip(labels[first], labels[name])) / len(rows)}
+            results["runs"].append(run)
+            print(f"{name}: {run['rows']} rows in {run['seconds']:.2f} s = {run['rows_s']:,.0f} rows/s, peak "
+                  f"{run['peak_gib']:.2f} GiB, agreement with {first} {run['label_agreement']:.4f}", flush=True)
+            del cli
+            gc.collect()
+            torch.cuda.empty_cache()
+    lines = ["| variant | overrides of the fast config | rows | s | rows/s | peak GiB | label agreement |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {' '.join(r['overrides']) or '-'} | {r['rows']} | {r['seconds']:.2f} | "
+              f"{r['rows_s']:,.0f} | {r['peak_gib']:.2f} | {r['label_agreement']:.4f} |" for r in results["runs"]]
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
