@@ -224,7 +224,9 @@ class EvalBatchSampler(LengthGroupedBatchSampler):
     def _global_batches(self) -> list[list[int]]:
         if self.max_tokens is None:
             return super()._global_batches()
-        order = sorted(range(len(self.lengths)), key=lambda j: -self.lengths[j])  # ties keep file order
+        order = range(len(self.lengths))
+        if self.group_by_length:
+            order = sorted(order, key=lambda j: -self.lengths[j])  # ties keep file order
         return budget_batches(order, self.lengths, self.batch_size, self.max_tokens)
 
     def __len__(self) -> int:
@@ -298,8 +300,8 @@ def static_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: 
     instruction: 45 of the 81 tokens of an average row of the sentiment set), those tokens go once into `g_pre`
     [1, P] and the rows hold only what follows (every row sees the prefix through the 4D mask): the prefix is
     computed once per micro-batch instead of once per row. The rest: the rows' length padded to `static_length`,
-    a causal + padding mask [B, S, P + S] (made 4D on the device), position ids continuing after the prefix, and the supervised
-    positions as a power-of-two number of (position, target, weight) slots per row.
+    a causal + padding mask [B, S, P + S] (made 4D on the device), position ids continuing after the prefix, and
+    the supervised positions as a power-of-two number of (position, target, weight) slots per row.
     """
     B, L = input_ids.shape
     P = shared_prefix_length(input_ids, attention_mask, labels) if shared_prefix > 0 else 0
