@@ -113,9 +113,8 @@ class PredictStream(IterableDataset):
             if c % self.world_size != self.rank or c // self.world_size < self.start_chunk:
                 continue
             # Fit prompt + the longest label into max_length by cutting the input text, as training does.
-            prompts = [self.formatter.encode_example(r.instruction, r.input, self.longest_label, self.max_length)
-                       for r in chunk]
-            prompts = [ids[:plen] for ids, _, plen, _ in prompts]
+            prompts = self.formatter.encode_prompts([(r.instruction, r.input) for r in chunk], self.longest_label,
+                                                    self.max_length)
             order = sorted(range(len(chunk)), key=lambda i: -len(prompts[i]))
             for idx in budget_batches(order, [len(p) for p in prompts], self.batch_size, self.max_tokens):
                 batch = collate_prompts([prompts[i] for i in idx], pad, self.label_ids)

@@ -132,6 +132,21 @@ class PromptFormatter:
             )
         return prompt + answer, [-100] * len(prompt) + answer, len(prompt), truncated
 
+    def encode_prompts(self, rows: Sequence[tuple[str, str]], answer: str, max_length: int) -> list[list[int]]:
+        """`encode_example(instruction, input, answer, max_length)`'s prompt ids for many rows at once: the
+        rendered prompts go through the tokenizer in one batch (fast tokenizers encode a batch in parallel);
+        only rows too long to fit take the per-row path that cuts their input."""
+        n_answer = len(self.encode_answer(answer))
+        texts = [self.render(instruction, input) for instruction, input in rows]
+        out = []
+        for (instruction, input), ids in zip(rows, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            if self.bos_id is not None and ids[:1] != [self.bos_id]:
+                ids = [self.bos_id] + ids
+            if len(ids) + n_answer > max_length:
+                ids = self.encode_example(instruction, input, answer, max_length)[0][:-n_answer]
+            out.append(ids)
+        return out
+
     def encode_labels(self, labels: Sequence[str]) -> list[list[int]]:
         """Token ids of each label's full answer (label + EOS), as scored by label scoring."""
         seqs = [self.encode_answer(label) for label in labels]

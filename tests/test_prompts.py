@@ -90,3 +90,14 @@ def test_fingerprint_changes_with_prompt_format(tiny_tokenizer):
     assert a == PromptFormatter(tiny_tokenizer).fingerprint()
     assert a != PromptFormatter(tiny_tokenizer, think="none").fingerprint()
     assert a != PromptFormatter(tiny_tokenizer, style="plain").fingerprint()
+
+
+@pytest.mark.parametrize("style", ["chat", "plain"])
+def test_batched_prompt_encoding_equals_the_per_row_one(tiny_tokenizer, style):
+    f = PromptFormatter(tiny_tokenizer, style=style)
+    rows = [(DEFAULT_INSTRUCTION, "Profit rose 5 %."), (DEFAULT_INSTRUCTION, ""), ("Label this.", "Shares fell."),
+            (DEFAULT_INSTRUCTION, "Revenue " * 200)]  # the last one must be cut to fit
+    for max_length in (512, 96):
+        want = [f.encode_example(i, x, "negative", max_length) for i, x in rows]
+        assert want[-1][3] or max_length == 512  # the long row really was truncated at 96
+        assert f.encode_prompts(rows, "negative", max_length) == [ids[:plen] for ids, _, plen, _ in want]
