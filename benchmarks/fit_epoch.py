@@ -111,6 +111,14 @@ def compiled_layers(on: bool):
         dynamo.reset()
 
 
+def write_results(out: str, results: dict, table: list[str] = ()) -> None:
+    """The JSON results file (written again as variants finish), then the table, printed last."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=1))
+    if table:
+        print("\n".join(table))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True)
@@ -172,8 +180,7 @@ def main(argv=None) -> int:
             results["runs"].append(run)
             print(f"{name}: epochs {[round(x, 1) for x in run['epochs_s']]} s, {run['steps']} steps, peak "
                   f"{run['peak_gib']:.2f} GiB, graphs {run['graphs_captured']}", flush=True)
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(results, indent=1))  # so far: a later variant may run out of time
+            write_results(a.out, results)  # so far: a later variant may run out of time
             if g is not None:  # the graphs hold their memory pool: free it before the next variant
                 g.graphs.clear()
                 g.pool = None
@@ -194,9 +201,7 @@ def main(argv=None) -> int:
                      f"{'-' if r['x_eager'] is None else format(r['x_eager'], '.2f')} | "
                      f"{sum(tail) / max(len(tail), 1):.4f} | "
                      f"{'-' if r['max_loss_diff_vs_eager'] is None else format(r['max_loss_diff_vs_eager'], '.4f')} |")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=1))
-    print("\n".join(lines))
+    write_results(a.out, results, lines)
     return 0
 
 

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from finllm_pl.__main__ import cli_main  # noqa: E402
 from finllm_pl.assets import build_random_qwen_1_5b  # noqa: E402
 from finllm_pl.predict import PredictionWriter  # noqa: E402
+from fit_epoch import write_results  # noqa: E402  (benchmarks/ is on the path: the script's folder)
 
 VARIANTS = {  # name: overrides of the fast config
     "rows1024": ["--data.eval_batch_size", "1024", "--data.eval_batch_tokens", "null"],
@@ -93,9 +94,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {' '.join(r['overrides']) or '-'} | {r['rows']} | {r['seconds']:.2f} | "
               f"{r['rows_s']:,.0f} | {r['peak_gib']:.2f} | {r['label_agreement']:.4f} |" for r in results["runs"]]
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=1))
-    print("\n".join(lines))
+    write_results(a.out, results, lines)
     return 0
 
 

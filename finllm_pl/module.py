@@ -154,7 +154,7 @@ class FinLLM(L.LightningModule):
         if hp.dequantize_once and hp.quantization != "none":
             # transformers' own: each 4-bit layer becomes a plain one holding dequantize_4bit(weight), the very
             # values every 4-bit forward and backward computes before its matmul. Same results, 3 fewer kernels per
-            # layer per forward and per backward (a third of a QLoRA step's), +2 bytes per weight for the run.
+            # layer per forward and per backward (~1/6 of a QLoRA step's), +2 bytes per weight for the run.
             base = base.dequantize()
         if hp.adapter_path:
             model = hf.load_adapter(base, hp.adapter_path, trainable=True)

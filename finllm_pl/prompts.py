@@ -92,10 +92,11 @@ class PromptFormatter:
 
     # -- ids ----------------------------------------------------------------------------------------------
     def encode_prompt(self, instruction: str, input: str = "") -> list[int]:
-        ids = self.tokenizer(self.render(instruction, input), add_special_tokens=False)["input_ids"]
-        if self.bos_id is not None and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id] + ids
-        return ids
+        return self._with_bos(self.tokenizer(self.render(instruction, input), add_special_tokens=False)["input_ids"])
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        """BOS exactly once: added only where the tokenizer expects it and the rendered template lacks it."""
+        return [self.bos_id] + ids if self.bos_id is not None and ids[:1] != [self.bos_id] else ids
 
     def encode_answer(self, answer: str) -> list[int]:
         """Answer tokens followed by EOS (EOS keeps its label: it is how the model learns to stop)."""
@@ -140,8 +141,7 @@ class PromptFormatter:
         texts = [self.render(instruction, input) for instruction, input in rows]
         out = []
         for (instruction, input), ids in zip(rows, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
-            if self.bos_id is not None and ids[:1] != [self.bos_id]:
-                ids = [self.bos_id] + ids
+            ids = self._with_bos(ids)
             if len(ids) + n_answer > max_length:
                 ids = self.encode_example(instruction, input, answer, max_length)[0][:-n_answer]
             out.append(ids)
