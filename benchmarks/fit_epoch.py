@@ -53,7 +53,7 @@ class EpochClock(Callback):
         self.seconds.append(time.perf_counter() - self.t0)
 
 
-VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?P<compile>_compile)?")
+VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<compile>_compile)?")
 
 
 class StepProfiler(Callback):
@@ -125,9 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="instruction JSONL (the 13,173-row sentiment set)")
     ap.add_argument("--out", default="results/gpu/fit_epoch.json")
     ap.add_argument("--variants", default="eager,graphs",
-                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_compile]: "
+                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_c<chunk_tokens>][_compile]: "
                          "the config's settings unless a part overrides them (noprefix: data.shared_prefix 0; once: "
-                         "model.dequantize_once; compile: torch.compile per decoder layer, an experiment)")
+                         "model.dequantize_once; c: model.chunk_tokens; compile: torch.compile per decoder layer, an experiment)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs per variant; each is timed (the first captures)")
     ap.add_argument("--limit-batches", type=int, default=None, help="micro-batches per epoch (default: all)")
     ap.add_argument("--profile-steps", type=int, default=0, help="profile this many batches of the last epoch")
@@ -149,6 +149,8 @@ def main(argv=None) -> int:
                 over += ["--data.num_workers", m["workers"]]
             if m["once"]:
                 over += ["--model.dequantize_once", "true"]
+            if m["chunk"]:
+                over += ["--model.chunk_tokens", m["chunk"]]
             if a.limit_batches:
                 over += ["--trainer.limit_train_batches", str(a.limit_batches)]
             clock, prof = EpochClock(), StepProfiler(a.profile_steps)

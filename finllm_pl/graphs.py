@@ -25,6 +25,8 @@ Off CUDA (tests) the same static computation runs eagerly.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -32,11 +34,23 @@ from .model import split_head
 from .scoring import _decoder_call, attention_mask_4d, mask_dtype, prefix_cache
 
 
+def row_chunks(rows: int, length: int, max_tokens: Optional[int]) -> list[slice]:
+    """Row slices that split a micro-batch of `rows` x `length` padded tokens into chunks of at most `max_tokens`
+    (a power of two rows each, so that few chunk shapes recur; one row at least). None: the whole batch."""
+    if max_tokens is None or rows * length <= max_tokens:
+        return [slice(0, rows)]
+    per = 1
+    while 2 * per < rows and 2 * per * length <= max_tokens:
+        per *= 2
+    return [slice(s, min(s + per, rows)) for s in range(0, rows, per)]
+
+
 class GraphedLossBackward:
     """`(loss_sum, n_supervised)` of a static micro-batch, its LoRA gradients added into `p.grad`."""
 
-    def __init__(self, model, compute_dtype: torch.dtype, use_graphs: bool):
+    def __init__(self, model, compute_dtype: torch.dtype, use_graphs: bool, max_tokens: Optional[int] = None):
         self.model = model
+        self.max_tokens = max_tokens  # model.chunk_tokens: longer micro-batches run as row chunks
         self.decoder, self.head, _ = split_head(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = compute_dtype
@@ -64,20 +78,28 @@ class GraphedLossBackward:
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         st = {k: v for k, v in batch.items() if k.startswith("g_")}
+        rows, length = st["g_ids"].shape
+        loss = n = None
+        for part in row_chunks(rows, length, self.max_tokens):
+            # A chunk holds some of the rows (views; the shared prefix is every chunk's): its own graph shape.
+            chunk = st if part.stop - part.start == rows else {k: v if k == "g_pre" else v[part] for k, v in st.items()}
+            l, c, grads = self._replay(chunk)
+            self._accumulate(grads)
+            # cloned/added before the next replay overwrites the graph's outputs
+            loss, n = (l.clone(), c.clone()) if loss is None else (loss + l, n + c)
+        return loss, n
+
+    def _replay(self, st: dict[str, torch.Tensor]):
         if not self.use_graphs:
-            loss, n, grads = self._loss_and_grads(st)
-        else:
-            key = (tuple(st["g_mask"].shape), st["g_idx"].shape[1])  # (rows, length, prefix + length), slots
-            if key not in self.graphs:
-                loss, n, grads = self._capture(key, st)
-            else:
-                graph, static, out = self.graphs[key]
-                for k, v in st.items():
-                    static[k].copy_(v, non_blocking=True)
-                graph.replay()
-                loss, n, grads = out
-        self._accumulate(grads)
-        return loss.clone(), n.clone()  # the graph overwrites its outputs at the next replay
+            return self._loss_and_grads(st)
+        key = (tuple(st["g_mask"].shape), st["g_idx"].shape[1])  # (rows, length, prefix + length), slots
+        if key not in self.graphs:
+            return self._capture(key, st)
+        graph, static, out = self.graphs[key]
+        for k, v in st.items():
+            static[k].copy_(v, non_blocking=True)
+        graph.replay()
+        return out
 
     def _capture(self, key, st):
         static = {k: v.clone() for k, v in st.items()}  # the graph's own input buffers

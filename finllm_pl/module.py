@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from . import model as hf
 from .callbacks import check_adapter_matches
 from .errors import ConfigError, FinLLMError, ModelError
+from .graphs import GraphedLossBackward, row_chunks
 from .metrics import label_metrics, summarize
 from .prompts import DEFAULT_LABELS
 from .schedule import WarmupOverflow, resolve_schedule
@@ -62,6 +63,7 @@ class FinLLM(L.LightningModule):
         accumulate_grad_batches: int = 8,
         gradient_clip_val: float = 1.0,
         gradient_checkpointing: bool = False,
+        chunk_tokens: Optional[int] = None,
         cuda_graphs: bool = False,
         dequantize_once: bool = False,
         merge_for_labeling: bool = False,
@@ -93,6 +95,9 @@ class FinLLM(L.LightningModule):
             accumulate_grad_batches: micro-batches per optimizer step.
             gradient_clip_val: max global grad norm (0 = no clipping).
             gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+            chunk_tokens: run a training micro-batch of more padded tokens (rows x length) than this as chunks of
+                rows (a power of two each), one forward + backward per chunk, gradients summed: the same step, with
+                the activation memory of the longest micro-batches capped. null = whole micro-batches.
             cuda_graphs: replay each training micro-batch's forward + backward from a CUDA graph (one per length
                 bucket; finllm_pl/graphs.py): 2.2-2.6x faster epochs for the 1.5B model on an H100, same
                 losses. fit on one GPU, bf16 or fp32, no gradient checkpointing; without CUDA the same fixed-shape
@@ -119,6 +124,8 @@ class FinLLM(L.LightningModule):
                               "model.dequantize_once true (or model.quantization none)")
         if accumulate_grad_batches < 1:
             raise ConfigError(f"model.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ConfigError(f"model.chunk_tokens must be >= 1 or null, got {chunk_tokens}")
         if max_new_tokens < 1:
             raise ConfigError(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
         if learning_rate <= 0:
@@ -191,9 +198,7 @@ class FinLLM(L.LightningModule):
         if device.type != "cuda":
             rank_zero_warn("model.cuda_graphs: no CUDA device, so the fixed-shape training step runs eagerly "
                            "(same results, no speed-up)")
-        from .graphs import GraphedLossBackward
-
-        return GraphedLossBackward(model, dtype, use_graphs=device.type == "cuda")
+        return GraphedLossBackward(model, dtype, use_graphs=device.type == "cuda", max_tokens=hp.chunk_tokens)
 
     def trainable_keys(self) -> set[str]:
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
@@ -236,16 +241,22 @@ class FinLLM(L.LightningModule):
         if w["t0"] is None:
             w["t0"] = time.perf_counter()
         boundary = (batch_idx + 1) % self.hparams.accumulate_grad_batches == 0 or self.trainer.is_last_batch
-        with opt.toggle_model(sync_grad=boundary):  # no DDP all-reduce until the window's last backward
-            if self._graphed is not None:  # forward + backward from a CUDA graph; gradients added to p.grad
-                if "g_ids" not in batch:
-                    raise ConfigError("model.cuda_graphs needs fixed-shape batches: data.static_batches is linked "
-                                      "to it by the CLI; with another datamodule, collate with "
-                                      "finllm_pl.data.collate_train(..., static=True)")
-                loss, n = self._graphed(batch)
-            else:
-                loss, n = loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                self.manual_backward(loss)
+        if self._graphed is not None:  # forward + backward from CUDA graphs (one GPU); gradients added to p.grad
+            if "g_ids" not in batch:
+                raise ConfigError("model.cuda_graphs needs fixed-shape batches: data.static_batches is linked "
+                                  "to it by the CLI; with another datamodule, collate with "
+                                  "finllm_pl.data.collate_train(..., static=True)")
+            loss, n = self._graphed(batch)
+        else:
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            parts = row_chunks(*ids.shape, self.hparams.chunk_tokens)
+            loss = n = 0
+            for i, part in enumerate(parts):
+                # no DDP all-reduce until the window's last backward
+                with opt.toggle_model(sync_grad=boundary and i == len(parts) - 1):
+                    part_loss, part_n = loss_sum(self.model, ids[part], mask[part], labels[part])
+                    self.manual_backward(part_loss)
+                loss, n = loss + part_loss.detach(), n + part_n
         # Kept as device tensors: reading them back each micro-batch would stall the GPU twice per batch.
         w["loss"] = w["loss"] + loss.detach().double()
         w["tokens"] = w["tokens"] + n

@@ -265,3 +265,42 @@ def test_dequantize_once_trains_exactly_like_the_4bit_layers(workdir):
     assert ref.keys() == got.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_chunked_micro_batches_train_like_whole_ones(workdir, graphs, monkeypatch):
+    """model.chunk_tokens runs a micro-batch as row chunks (one forward + backward each, gradients summed): the
+    same losses and adapter as whole micro-batches, on the default step and on the static (CUDA-graph) step."""
+    import finllm_pl.graphs as graphs_mod
+    import finllm_pl.module as module_mod
+
+    splits, real = [], graphs_mod.row_chunks
+
+    def counting(rows, length, max_tokens):
+        parts = real(rows, length, max_tokens)
+        splits.append((rows, len(parts), max(p.stop - p.start for p in parts) * length))
+        return parts
+
+    args = FAST + ["--model.lora_dropout", "0", "--trainer.max_epochs", "1",
+                   "--model.cuda_graphs", str(graphs).lower()]
+    ref_losses, chunk_losses = Losses(), Losses()
+    ref = _adapter(_run(args, [ref_losses]))
+    for mod in (graphs_mod, module_mod):
+        monkeypatch.setattr(mod, "row_chunks", counting)
+    cli = _run(args + ["--model.chunk_tokens", "100", "--checkpoint.dirpath", "ck_chunks"], [chunk_losses])
+    assert splits and all(n > 1 and tokens <= 100 for rows, n, tokens in splits if rows > 1)  # every batch split
+    assert ref_losses.by_step.keys() == chunk_losses.by_step.keys() and len(ref_losses.by_step) >= 3
+    for step, loss in ref_losses.by_step.items():
+        assert chunk_losses.by_step[step] == pytest.approx(loss, rel=1e-5), step
+    got = _adapter(cli)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
+
+
+def test_row_chunks_cap_the_padded_tokens_with_few_shapes():
+    from finllm_pl.graphs import row_chunks
+
+    assert row_chunks(32, 64, None) == [slice(0, 32)] and row_chunks(32, 64, 2048) == [slice(0, 32)]
+    assert row_chunks(32, 224, 3584) == [slice(0, 16), slice(16, 32)]  # 16 x 224 = 3,584
+    assert row_chunks(13, 100, 450) == [slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 13)]
+    assert row_chunks(3, 500, 100) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # a row longer than the cap: alone
