@@ -45,12 +45,13 @@ class EpochClock(Callback):
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step > 0 and "train/loss" in trainer.callback_metrics:
-            self.losses.setdefault(trainer.global_step, float(trainer.callback_metrics["train/loss"]))
+        if trainer.global_step > 0 and "train/loss" in trainer.callback_metrics:  # a device tensor: read it later,
+            self.losses.setdefault(trainer.global_step, trainer.callback_metrics["train/loss"])  # not wait for it now
 
     def on_train_epoch_end(self, trainer, pl_module):
         torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self.t0)
+        self.losses = {k: float(v) for k, v in self.losses.items()}
 
 
 VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<compile>_compile)?")

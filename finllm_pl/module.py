@@ -1,12 +1,14 @@
 """FinLLM: the LightningModule. A 4-bit (or plain) base + LoRA, trained with manual optimization.
 
 Why manual optimization: the loss is normalised by the number of supervised tokens of the *whole* accumulation
-window (not averaged per micro-batch, which would over-weight short batches), non-finite gradients skip a step
-instead of corrupting the adapter, and every count (warmup, decay, checkpoint interval) is in real optimizer steps.
+window (not averaged per micro-batch, which would over-weight short batches), a non-finite loss or gradient skips
+the update instead of corrupting the adapter, and every count (warmup, decay, checkpoint interval) is in optimizer
+steps (a skipped one counts, as fp16 loss scaling's skipped steps do).
 
 How: each micro-batch backpropagates its *summed* token loss; at the window's end the gradients are divided by
-the window's token count (summed over ranks), clipped, and the optimizer steps. Windows end at
-`(batch_idx + 1) % accumulate == 0` or at the epoch's last batch.
+the window's token count (summed over ranks), clipped, and the fused AdamW steps, all queued on the GPU without
+reading anything back (the fault check is the optimizer's own `found_inf` skip; the host learns a step later).
+Windows end at `(batch_idx + 1) % accumulate == 0` or at the epoch's last batch.
 
 Checkpoints hold only the trainable (LoRA) tensors, optimizer, scheduler, loop and data position, RNG state and,
 when saved mid-window, the gradients accumulated so far: a resumed run continues bit-for-bit on CPU.
@@ -140,6 +142,10 @@ class FinLLM(L.LightningModule):
         self._nonfinite_in_row = 0
         self._nonfinite_total = 0  # skipped steps of the whole run (kept in checkpoints), logged every step
         self._pending: dict[str, Any] = {}
+        self._nonfinite_count: Any = 0  # the same total as a device tensor (logged every step without a sync)
+        self._in_flight = None  # (step, event, seconds) of the optimizer step whose outcome is not read back yet
+        self._readback: Optional[torch.Tensor] = None  # that outcome: (fault, mean loss, tokens), pinned on GPUs
+        self._shown: dict[str, float] = {}  # progress bar values of the last step read back
         self.schedule = None
         self._graphed = None  # GraphedLossBackward when model.cuda_graphs
         self._merged = False  # model.merge_for_labeling done
@@ -224,7 +230,8 @@ class FinLLM(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        # fused: one kernel for all ~200 LoRA tensors, and it can skip a non-finite step on the device (found_inf)
+        opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=True)
         try:
             self.schedule = resolve_schedule(self.total_optimizer_steps(), hp.warmup_steps, hp.learning_rate,
                                              hp.warmup_overflow, min_lr_ratio=hp.min_lr_ratio, decay=hp.lr_decay)
@@ -266,61 +273,87 @@ class FinLLM(L.LightningModule):
             self._optimizer_step(opt, sched)
 
     def _optimizer_step(self, opt, sched) -> None:
-        w = self._window
+        # Nothing here reads a GPU value back: the host queues this step and goes on to the next batch while the
+        # GPU works (a read would idle the GPU while the host does the next step's Python work). The outcome
+        # (skipped? loss?) is read one step later, by `_drain`, when it is long finished.
+        self._drain()
+        w, step = self._window, self.global_step
         totals = torch.stack([torch.as_tensor(w[k], dtype=torch.float64, device=self.device)
                               for k in ("loss", "tokens", "all_tokens")])
-        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")  # window totals over all ranks
-        loss_total, tokens, all_tokens = totals.tolist()
+        loss_total, tokens, all_tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").unbind()  # all ranks
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        # DDP averaged the summed-loss gradients over ranks; scale so they are d(mean token loss) of the window.
-        scale = self.trainer.world_size / max(tokens, 1.0)
         grads = [p.grad for p in params]
-        torch._foreach_mul_(grads, scale)  # one kernel per dtype, not one per tensor (there are ~200)
+        # DDP averaged the summed-loss gradients over ranks; scale so they are d(mean token loss) of the window. A
+        # non-finite loss makes the scale NaN: the gradients carry the fault to whichever check skips the step.
+        scale = (self.trainer.world_size / tokens.clamp(min=1.0)).float()
+        torch._foreach_mul_(grads, torch.where(torch.isfinite(loss_total), scale, torch.nan))  # one kernel per dtype
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            grad_norm = grad_norm / scaler.get_scale()
-        loss_ok = math.isfinite(loss_total)
-        finite = bool(torch.isfinite(grad_norm)) and loss_ok
-        # fp16: inf gradients with a finite loss are the scaler's business (it skips the step and backs off);
-        # a non-finite loss is a fault the scaler cannot fix, and counts like any other.
-        if not loss_ok or (not finite and scaler is None):
-            self._nonfinite_in_row += 1
-            self._nonfinite_total += 1
-            self.log("train/nonfinite_steps", float(self._nonfinite_total), rank_zero_only=True)
-            rank_zero_warn(f"step {self.global_step}: non-finite loss or gradient; optimizer step skipped "
-                           f"({self._nonfinite_in_row} in a row)")
-            opt.zero_grad(set_to_none=True)
-            self._reset_window()
-            if self._nonfinite_in_row >= self.hparams.max_nonfinite_steps:
-                raise NonFiniteError(
-                    f"{self._nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradient; stopping. "
-                    "The last checkpoint is from before the fault: lower model.learning_rate or check the data, "
-                    "then resume with --ckpt_path last"
-                )
-            return
-        self._nonfinite_in_row = 0
+        # fp16: the gradients are still multiplied by the loss scale here (the fused optimizer unscales them), so
+        # the clip threshold is too. Inf gradients with a finite loss are the scaler's business (it skips the step
+        # and backs off); a non-finite loss is a fault the scaler cannot fix, and counts like any other.
+        loss_scale = scaler.get_scale() if scaler is not None else 1.0
+        fault = ~torch.isfinite(loss_total) if scaler is not None else ~torch.isfinite(grad_norm)
         if self.hparams.gradient_clip_val > 0:
-            # fp16: the gradients are still multiplied by the loss scale here (the scaler unscales them inside
-            # opt.step()), so the threshold is scaled too: clipping them at the bare value would clip every step.
-            clip = self.hparams.gradient_clip_val * (scaler.get_scale() if scaler is not None else 1.0)
-            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            # torch.nn.utils.clip_grad_norm_'s rule, on the norm already computed (Lightning's clip_gradients
+            # refuses the fused optimizer)
+            limit = self.hparams.gradient_clip_val * loss_scale
+            torch._foreach_mul_(grads, (limit / (grad_norm + 1e-6)).clamp(max=1.0))
+        if scaler is None:  # the fused AdamW skips the update on the GPU: the adapter and its moments stay as they were
+            opt.optimizer.found_inf = fault.float()
         lr = opt.param_groups[0]["lr"]
         opt.step()
+        opt.optimizer.__dict__.pop("found_inf", None)
         opt.zero_grad(set_to_none=True)
         sched.step()
+        self._nonfinite_count = self._nonfinite_count + fault.long()  # running total on the device, logged each step
         elapsed = max(time.perf_counter() - w["t0"], 1e-9)
+        mean_loss = loss_total / tokens.clamp(min=1.0)
         self.log_dict({
-            "train/loss": loss_total / max(tokens, 1.0),
-            "train/lr": lr,
-            "train/grad_norm": float(grad_norm),
+            "train/loss": mean_loss,
+            "train/lr": torch.tensor(lr),  # host values as CPU tensors: a Python float would become a GPU tensor
+                                           # by a blocking copy, which waits for the whole queue
+            "train/grad_norm": grad_norm / loss_scale,
             "train/tokens_per_s": all_tokens / elapsed,
             "train/supervised_tokens": tokens,
-            "train/nonfinite_steps": float(self._nonfinite_total),
+            "train/nonfinite_steps": self._nonfinite_count.double(),
         }, prog_bar=False, rank_zero_only=True)
-        self.log("loss", loss_total / max(tokens, 1.0), prog_bar=True, logger=False, rank_zero_only=True)
-        self.log("tok/s", all_tokens / elapsed, prog_bar=True, logger=False, rank_zero_only=True)
+        for name, value in self._shown.items():  # the progress bar shows the previous step's (already read back)
+            self.log(name, torch.tensor(value), prog_bar=True, logger=False, rank_zero_only=True)
+        # Read back next step (pinned memory: the copy does not wait for the GPU; the event says when it landed).
+        record = torch.stack([fault.double(), mean_loss, all_tokens])
+        if self._readback is None:
+            self._readback = torch.empty(3, dtype=torch.float64, pin_memory=self.device.type == "cuda")
+        self._readback.copy_(record, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self._in_flight = (step, event, elapsed)
         self._reset_window()
+
+    def _drain(self, stop: bool = True) -> None:
+        """The previous optimizer step's outcome, now that it is done: count, warn, show; stop after too many."""
+        if self._in_flight is not None:
+            step, event, elapsed = self._in_flight
+            self._in_flight = None
+            if event is not None:
+                event.synchronize()
+            fault, loss, all_tokens = self._readback.tolist()
+            if fault:
+                self._nonfinite_in_row += 1
+                self._nonfinite_total += 1
+                rank_zero_warn(f"step {step}: non-finite loss or gradient; optimizer step skipped "
+                               f"({self._nonfinite_in_row} in a row)")
+            else:
+                self._nonfinite_in_row = 0
+                self._shown = {"loss": loss, "tok/s": all_tokens / elapsed}
+        if stop and self._nonfinite_in_row >= self.hparams.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self._nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradient; stopping. "
+                "They were skipped: the adapter in the last checkpoint is the one from before them. Lower "
+                "model.learning_rate or check the data, then resume with --ckpt_path last"
+            )
 
     def _reset_window(self) -> None:
         self._window = {"loss": 0.0, "tokens": 0, "micro": 0, "t0": None, "all_tokens": 0}
@@ -391,6 +424,7 @@ class FinLLM(L.LightningModule):
 
     # -- checkpoints: adapter only ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._drain(stop=False)  # the skipped-step count must be current (a stop comes at the next step)
         keys = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         hp = self.hparams
@@ -435,6 +469,9 @@ class FinLLM(L.LightningModule):
             )
         self._pending = meta
 
+    def on_train_epoch_end(self) -> None:
+        self._drain()  # the epoch's last step: its skip is counted (and may stop the run) before the epoch ends
+
     def on_train_start(self) -> None:
         meta, self._pending = self._pending, {}
         if not meta:
@@ -442,7 +479,7 @@ class FinLLM(L.LightningModule):
             # before (a first run tokenizes, a second reads the cache): runs are reproducible, resumes exact.
             torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_rank)
             return
-        self._nonfinite_total = meta.get("nonfinite_steps", 0)
+        self._nonfinite_total = self._nonfinite_count = meta.get("nonfinite_steps", 0)
         rng = meta.get("rng", {})
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])

@@ -113,9 +113,7 @@ def ddp(tmp_path_factory, tiny_dir):
     shutil.copytree(ROOT / "data", d / "data")
     shutil.copytree(ROOT / "configs", d / "configs")
     saves = d / "saves.log"
-    # (the 2 processes also run each micro-batch as row chunks, model.chunk_tokens: the same step)
-    fit2 = run_cli(["fit", *FIT, *TWO, "--model.accumulate_grad_batches", "1", "--model.chunk_tokens", "300",
-                    "--trainer.limit_train_batches",
+    fit2 = run_cli(["fit", *FIT, *TWO, "--model.accumulate_grad_batches", "1", "--trainer.limit_train_batches",
                     str(STEPS), "--checkpoint.dirpath", "ck2", "--trainer.default_root_dir", "run2",
                     "--trainer.logger", "false", *losses_to("losses2.json"), "--trainer.plugins",
                     json.dumps({"class_path": "ddp_probe.RecordingCheckpointIO"})],

@@ -692,12 +692,15 @@ def test_a_nonfinite_step_is_skipped_counted_and_logged(kind, workdir, monkeypat
     with pytest.warns(UserWarning, match="non-finite loss or gradient; optimizer step skipped"):
         cli.trainer.fit(cli.model, cli.datamodule)
     assert hit == [2]
-    assert snaps.steps == {0: 0, 1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2, 7: 3}  # window 2 took no optimizer step
+    # window 2's step is skipped on the device but counts (global step, LR schedule), as fp16 loss scaling does
+    assert snaps.steps == {0: 0, 1: 1, 2: 1, 3: 2, 4: 2, 5: 3, 6: 3, 7: 4}
     for name, before in snaps.after_batch[1].items():  # and did not move the adapter
         assert torch.equal(snaps.after_batch[3][name], before), name
+    opt = cli.trainer.optimizers[0]
+    assert all(int(st["step"]) == 3 for st in opt.state.values())  # nor the Adam moments: 3 updates of 4 steps
     assert any(not torch.equal(snaps.after_batch[5][n], b) for n, b in snaps.after_batch[3].items())
     assert all(torch.isfinite(p).all() for p in snaps.after_batch[7].values())
-    assert sorted(p.name for p in Path("ck").glob("step=*.ckpt")) == [f"step=00000{i}.ckpt" for i in (1, 2, 3)]
+    assert sorted(p.name for p in Path("ck").glob("step=*.ckpt")) == [f"step=00000{i}.ckpt" for i in (1, 2, 3, 4)]
     assert load_checkpoint_file("ck/last.ckpt")["finllm"]["nonfinite_steps"] == 1
     # counted, and logged every step as a running total (so a logger that samples steps cannot miss it)
     assert float(cli.trainer.callback_metrics["train/nonfinite_steps"]) == 1.0
@@ -715,14 +718,16 @@ def test_k_nonfinite_steps_in_a_row_stop_with_one_line_and_a_checkpoint_from_bef
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert lines == ["error: 3 optimizer steps in a row had a non-finite loss or gradient; stopping. The last "
-                     "checkpoint is from before the fault: lower model.learning_rate or check the data, then resume "
-                     "with --ckpt_path last"], err
+    assert lines == ["error: 3 optimizer steps in a row had a non-finite loss or gradient; stopping. They were "
+                     "skipped: the adapter in the last checkpoint is the one from before them. Lower "
+                     "model.learning_rate or check the data, then resume with --ckpt_path last"], err
     ck = Path("ck")
-    assert sorted(p.name for p in ck.glob("*.ckpt")) == ["last.ckpt", "step=000001.ckpt", "step=000002.ckpt"]
+    # steps 3-5 were skipped (they count): their checkpoints hold step 2's adapter, and the count
+    assert sorted(p.name for p in ck.glob("*.ckpt")) == ["last.ckpt"] + [f"step=00000{i}.ckpt" for i in range(1, 6)]
     last = load_checkpoint_file("ck/last.ckpt")
     step2 = load_checkpoint_file("ck/step=000002.ckpt")
-    assert last["global_step"] == 2 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert last["global_step"] == 5 and last["finllm"]["nonfinite_steps"] == 3
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
     assert all(torch.equal(last["state_dict"][k], step2["state_dict"][k]) for k in step2["state_dict"])
     assert not (ck / "adapter").exists() and not list(ck.glob(".*"))
     # the fault gone (say, the data fixed), the same command resumes from that checkpoint and finishes
