@@ -54,7 +54,7 @@ class EpochClock(Callback):
         self.losses = {k: float(v) for k, v in self.losses.items()}
 
 
-VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<compile>_compile)?")
+VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<compile>_compile|_compsub)?")
 
 
 class StepProfiler(Callback):
@@ -87,8 +87,8 @@ class StepProfiler(Callback):
 
 @contextmanager
 def compiled_layers(on: bool):
-    """Exploration, not a product option (yet): torch.compile each decoder layer of the graphed step (fused
-    elementwise kernels inside the captured graphs; dynamic shapes, so the length buckets share one compile)."""
+    """An experiment (the product's model.compile_layers compiles parts of each layer instead: `_compsub`):
+    torch.compile each whole decoder layer of the graphed step (dynamic shapes)."""
     if not on:
         yield
         return
@@ -126,9 +126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="instruction JSONL (the 13,173-row sentiment set)")
     ap.add_argument("--out", default="results/gpu/fit_epoch.json")
     ap.add_argument("--variants", default="eager,graphs",
-                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_c<chunk_tokens>][_compile]: "
+                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_c<chunk_tokens>][_compile|_compsub]: "
                          "the config's settings unless a part overrides them (noprefix: data.shared_prefix 0; once: "
-                         "model.dequantize_once; c: model.chunk_tokens; compile: torch.compile per decoder layer, an experiment)")
+                         "model.dequantize_once; c: model.chunk_tokens; compile: torch.compile per decoder layer, an experiment; compsub: model.compile_layers)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs per variant; each is timed (the first captures)")
     ap.add_argument("--limit-batches", type=int, default=None, help="micro-batches per epoch (default: all)")
     ap.add_argument("--profile-steps", type=int, default=0, help="profile this many batches of the last epoch")
@@ -150,6 +150,8 @@ def main(argv=None) -> int:
                 over += ["--data.num_workers", m["workers"]]
             if m["once"]:
                 over += ["--model.dequantize_once", "true"]
+            if m["compile"] == "_compsub":
+                over += ["--model.compile_layers", "true"]
             if m["chunk"]:
                 over += ["--model.chunk_tokens", m["chunk"]]
             if a.limit_batches:
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
                             "--checkpoint.dirpath", f"{tmp}/{name}", "--checkpoint.every_n_train_steps", "100000",
                             *over], run=False)
             cli.trainer.callbacks.extend([clock, prof])
-            with compiled_layers(bool(m["compile"])):
+            with compiled_layers(m["compile"] == "_compile"):
                 cli.trainer.fit(cli.model, cli.datamodule)
             g, dm = cli.model._graphed, cli.datamodule
             tokens = sum(dm.train_set["length"])

@@ -59,25 +59,32 @@ class _StepLosses(Callback):
 
 
 def test_cuda_graphs_fit_follows_the_eager_fit(workdir, tiny_dir):
-    """model.cuda_graphs on a real GPU: captured + replayed steps (several length buckets, accumulation 2) give
-    the eager run's losses (bf16 rounding apart) and a trained adapter."""
+    """model.cuda_graphs on a real GPU: captured + replayed steps (several length buckets, accumulation 2), also
+    split into row chunks (model.chunk_tokens) with torch.compile'd layers (model.compile_layers), give the eager
+    run's losses (bf16 rounding apart)."""
     args = ["--config", "configs/smoke.yaml", "--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed",
             "--model.compute_dtype", "bfloat16", "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "0",
             "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar",
             "false", "--data.batch_size", "4", "--model.warmup_steps", "2", "--model.lora_dropout", "0",
             "--model.accumulate_grad_batches", "2", "--trainer.log_every_n_steps", "1"]
     runs = {}
-    for graphs in (False, True):
+    variants = {"eager": ["--model.cuda_graphs", "false"], "graphs": ["--model.cuda_graphs", "true"],
+                # row chunks of <= 100 padded tokens, each its own captured shape, with torch.compile'd kernels
+                "chunked_compiled": ["--model.cuda_graphs", "true", "--model.chunk_tokens", "100",
+                                     "--model.compile_layers", "true"]}
+    for name, extra in variants.items():
         losses = _StepLosses()
-        cli = cli_main([*args, "--model.cuda_graphs", str(graphs).lower(),
-                        "--checkpoint.dirpath", f"ck_{graphs}"], run=False)
+        cli = cli_main([*args, *extra, "--checkpoint.dirpath", f"ck_{name}"], run=False)
         cli.trainer.callbacks.append(losses)
         cli.trainer.fit(cli.model, cli.datamodule)
-        runs[graphs] = (losses.by_step, cli)
-    eager, graphed = runs[False][0], runs[True][0]
-    g = runs[True][1].model._graphed
-    assert g is not None and g.use_graphs and len(g.graphs) >= 2  # really captured, more than one shape
-    assert all(rows_len_keys[2] > rows_len_keys[1] for (rows_len_keys, _) in g.graphs)  # with the shared prefix
-    assert eager.keys() == graphed.keys() and len(eager) >= 4
-    for step in eager:
-        assert graphed[step] == pytest.approx(eager[step], rel=2e-2), (step, eager, graphed)
+        runs[name] = (losses.by_step, cli)
+    eager = runs["eager"][0]
+    for name in ("graphs", "chunked_compiled"):
+        graphed, g = runs[name][0], runs[name][1].model._graphed
+        assert g is not None and g.use_graphs and len(g.graphs) >= 2  # really captured, more than one shape
+        assert all(rows_len_keys[2] > rows_len_keys[1] for (rows_len_keys, _) in g.graphs)  # with the shared prefix
+        assert eager.keys() == graphed.keys() and len(eager) >= 4
+        for step in eager:
+            assert graphed[step] == pytest.approx(eager[step], rel=2e-2), (name, step, eager, graphed)
+    chunk_rows = {rows for ((rows, _, _), _) in runs["chunked_compiled"][1].model._graphed.graphs}
+    assert max(chunk_rows) < 4 and runs["chunked_compiled"][1].model._graphed.compiled  # 4-row batches were split

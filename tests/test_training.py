@@ -304,3 +304,26 @@ def test_row_chunks_cap_the_padded_tokens_with_few_shapes():
     assert row_chunks(32, 224, 3584) == [slice(0, 16), slice(16, 32)]  # 16 x 224 = 3,584
     assert row_chunks(13, 100, 450) == [slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 13)]
     assert row_chunks(3, 500, 100) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # a row longer than the cap: alone
+
+
+def test_compiled_layers_train_like_the_plain_static_step(workdir):
+    """model.compile_layers (torch.compile of norms, MLPs and LoRA linears, one function per class) gives the
+    static step's losses and adapter, runs compiled code, and leaves the modules plain for validation/predict."""
+    from torch._dynamo.utils import counters
+
+    args = FAST + ["--model.lora_dropout", "0", "--trainer.max_epochs", "1", "--model.cuda_graphs", "true"]
+    ref_losses, comp_losses = Losses(), Losses()
+    ref = _adapter(_run(args, [ref_losses]))
+    before = counters["stats"]["unique_graphs"]
+    cli = _run(args + ["--model.compile_layers", "true", "--checkpoint.dirpath", "ck_compiled"], [comp_losses])
+    compiled = cli.model._graphed.compiled
+    assert counters["stats"]["unique_graphs"] > before  # dynamo compiled something
+    kinds = {type(m).__name__ for m in compiled}
+    assert {"Qwen2RMSNorm", "Qwen2MLP"} <= kinds and any("Linear" in k for k in kinds), kinds
+    assert not any("forward" in vars(m) for m in compiled)  # the plain forwards are back
+    assert ref_losses.by_step.keys() == comp_losses.by_step.keys() and len(ref_losses.by_step) >= 3
+    for step, loss in ref_losses.by_step.items():
+        assert comp_losses.by_step[step] == pytest.approx(loss, rel=1e-5), step
+    got = _adapter(cli)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
