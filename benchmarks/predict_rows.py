@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--data", required=True, help="JSONL to label (the 13,173-row sentiment set)")
     ap.add_argument("--out", default="results/gpu/predict_rows.json")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="label --data this many times over in one job (a longer job: fixed costs amortised)")
     ap.add_argument("--variants", default="rows1024,config,once,merge", help=f"comma list of {', '.join(VARIANTS)}, each optionally + _nocudnn")
     a = ap.parse_args(argv)
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "data": os.path.abspath(a.data),
@@ -69,13 +71,18 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="finllm_predict_") as tmp:
         model_dir = build_random_qwen_1_5b(Path(tmp) / "qwen1.5b", a.tokenizer)
         adapter = make_adapter(model_dir, Path(tmp) / "adapter")
+        data = a.data
+        if a.repeat > 1:
+            data = str(Path(tmp) / f"x{a.repeat}.jsonl")
+            Path(data).write_text(Path(a.data).read_text() * a.repeat)
+        results["repeat"] = a.repeat
         for name in a.variants.split(","):
             base_name, nocudnn = name.removesuffix("_nocudnn"), name.endswith("_nocudnn")
             torch.backends.cuda.enable_cudnn_sdp(not nocudnn)  # _nocudnn: SDPA without its cuDNN backend
             out = Path(tmp) / f"{name}.jsonl"
             torch.cuda.reset_peak_memory_stats()
             cli = cli_main(["predict", "--config", results["config"], "--model.model_name_or_path", str(model_dir),
-                            "--ckpt_path", str(adapter), "--data.predict_path", a.data,
+                            "--ckpt_path", str(adapter), "--data.predict_path", data,
                             "--data.predict_output", str(out), "--trainer.logger", "false",
                             "--trainer.enable_progress_bar", "false", *VARIANTS[base_name]])
             writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))

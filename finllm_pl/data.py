@@ -544,7 +544,8 @@ class InstructionDataModule(L.LightningDataModule):
                                rank=rank, world_size=world, start_chunk=start)
         # One worker at most: it reads and tokenizes the next batches while the GPU labels (a stream split over
         # several workers would repeat rows); 0 reads in the main process.
-        return DataLoader(stream, batch_size=None, num_workers=min(hp.num_workers, 1))
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(stream, batch_size=None, num_workers=min(hp.num_workers, 1), pin_memory=on_gpu)
 
     # -- exact mid-epoch resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -413,7 +413,16 @@ class FinLLM(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if self.hparams.predict_mode == "generate":
             return {"rows": batch["rows"], "texts": self._generate(batch["prompt_ids"], batch["prompt_mask"])}
-        return {"rows": batch["rows"], "scores": self._score(batch).float().cpu()}
+        scores = self._score(batch).float()
+        if scores.device.type != "cuda":
+            return {"rows": batch["rows"], "scores": scores.cpu()}
+        # Copied into pinned memory without waiting for it: the writer reads the scores one batch later (the event
+        # says when they landed), so the GPU scores the next batch while the host writes this one's rows.
+        host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+        host.copy_(scores, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return {"rows": batch["rows"], "scores": host, "ready": ready}
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         """Greedy answers (prompts are left-padded, so every row's answer starts in the same column)."""

@@ -141,6 +141,7 @@ class PredictionWriter(BasePredictionWriter):
         self.report: Optional[dict[str, Any]] = None  # counts and metrics of the finished output (rank 0)
         self.done_before = False  # an earlier run of this job completed the output (see finished_earlier)
         self.speed: Optional[dict[str, float]] = None  # rows this process labeled in this run, and in how long
+        self.in_flight = None  # the last batch's (prediction, chunk): written when the next one is under way
 
     def on_predict_start(self, trainer, pl_module) -> None:
         out_dir = os.path.dirname(os.path.abspath(self.output))
@@ -151,7 +152,7 @@ class PredictionWriter(BasePredictionWriter):
         if os.path.isdir(self.output):
             raise DataError(f"{self.output}: is a folder; set data.predict_output to a file path")
         self.rank, self.world = trainer.global_rank, trainer.world_size
-        self.t0, self.labeled = time.perf_counter(), 0
+        self.t0, self.labeled, self.in_flight = time.perf_counter(), 0, None
         self.done_before = finished_earlier(self.output, self.world, self.expect)  # the data yields nothing then
         if self.done_before:
             return
@@ -162,7 +163,16 @@ class PredictionWriter(BasePredictionWriter):
         self.file.seek(self.state["bytes"])
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        c, size = batch["chunk"]
+        # One batch behind: this batch's scores may still be on their way from the GPU (predict_step does not
+        # wait for them), the previous batch's have landed, and writing them overlaps this batch's scoring.
+        previous, self.in_flight = self.in_flight, (prediction, batch["chunk"])
+        if previous is not None:
+            self._write(*previous)
+
+    def _write(self, prediction: dict[str, Any], chunk: tuple[int, int]) -> None:
+        if "ready" in prediction:
+            prediction["ready"].synchronize()
+        c, size = chunk
         self.labeled += len(prediction["rows"])
         slot = self.pending.setdefault(c, {"size": size, "rows": {}})
         probs = torch.softmax(prediction["scores"], -1) if "scores" in prediction else None
@@ -200,6 +210,9 @@ class PredictionWriter(BasePredictionWriter):
             part_path(self.output, self.rank).unlink(missing_ok=True)
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        if self.in_flight is not None:
+            self._write(*self.in_flight)
+            self.in_flight = None
         if not self.done_before:
             self.file.close()
         if self.pending:

@@ -88,3 +88,21 @@ def test_cuda_graphs_fit_follows_the_eager_fit(workdir, tiny_dir):
             assert graphed[step] == pytest.approx(eager[step], rel=2e-2), (name, step, eager, graphed)
     chunk_rows = {rows for ((rows, _, _), _) in runs["chunked_compiled"][1].model._graphed.graphs}
     assert max(chunk_rows) < 4 and runs["chunked_compiled"][1].model._graphed.compiled  # 4-row batches were split
+
+
+def test_gpu_labels_match_cpu_labels(workdir):
+    """predict on the GPU (scores copied back without waiting, written one batch behind, pinned batches) writes
+    every row, in input order, with the CPU run's labels and probabilities (fp32 on both)."""
+    args = ["predict", "--config", "configs/smoke.yaml", "--data.predict_path", "data/sample.jsonl",
+            "--data.eval_batch_size", "8", "--data.predict_chunk_rows", "20", "--data.num_workers", "1",
+            "--trainer.precision", "32-true", "--model.compute_dtype", "float32", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false"]
+    rows = {}
+    for acc in ("cpu", "gpu"):
+        cli_main([*args, "--trainer.accelerator", acc, "--data.predict_output", f"{acc}.jsonl"])
+        rows[acc] = [json.loads(line) for line in Path(f"{acc}.jsonl").read_text().splitlines()]
+    n_in = sum(1 for line in Path("data/sample.jsonl").read_text().splitlines() if line.strip())
+    assert len(rows["gpu"]) == len(rows["cpu"]) == n_in
+    for a, b in zip(rows["cpu"], rows["gpu"]):
+        assert a["id"] == b["id"] and a["label"] == b["label"], (a, b)
+        assert all(abs(a["probs"][k] - b["probs"][k]) < 1e-4 for k in a["probs"]), (a, b)
