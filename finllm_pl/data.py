@@ -483,6 +483,11 @@ class InstructionDataModule(L.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
+    def _pin_memory(self) -> bool:
+        """Pinned host batches on a GPU: the copy to the GPU is then truly asynchronous, so the host prepares the
+        next batch while the GPU still runs this one (a pageable copy may wait for the GPU's queue first)."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         rank, world = self._rank_world()
@@ -493,12 +498,9 @@ class InstructionDataModule(L.LightningDataModule):
         pad = self.formatter.tokenizer.pad_token_id
         # Own generator: the DataLoader draws its worker seed from it, not from the global RNG that LoRA dropout
         # uses, so a resumed run's dropout masks match the uninterrupted run's.
-        # Pinned host memory: the copy to the GPU is then truly asynchronous, so the host prepares the next batch
-        # while the GPU still runs this one (a pageable copy waits for the GPU's queue to drain first).
-        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(self.train_set.with_format(None), batch_sampler=self._train_sampler,
                           collate_fn=lambda rows: collate_train(rows, pad, hp.static_batches, hp.shared_prefix),
-                          num_workers=hp.num_workers, pin_memory=on_gpu,
+                          num_workers=hp.num_workers, pin_memory=self._pin_memory(),
                           generator=torch.Generator().manual_seed(hp.seed))
 
     def val_dataloader(self):
@@ -544,8 +546,7 @@ class InstructionDataModule(L.LightningDataModule):
                                rank=rank, world_size=world, start_chunk=start)
         # One worker at most: it reads and tokenizes the next batches while the GPU labels (a stream split over
         # several workers would repeat rows); 0 reads in the main process.
-        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(stream, batch_size=None, num_workers=min(hp.num_workers, 1), pin_memory=on_gpu)
+        return DataLoader(stream, batch_size=None, num_workers=min(hp.num_workers, 1), pin_memory=self._pin_memory())
 
     # -- exact mid-epoch resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 Why: a QLoRA step of a 1.5B model at micro-batch 32 launches ~7,000 small kernels (peft and bitsandbytes work
 module by module) and the GPU sits idle most of the time waiting for Python to launch them. A CUDA graph records
 the kernels of one step once and replays them with one launch. Measured on an H100: 0.075 s per step instead of
-~0.25-0.30 s (benchmarks/gpu_throughput.py, `project_graphs`), one real epoch through the CLI 117.6 -> 44.6 s
-with the same per-step losses (benchmarks/fit_epoch.py).
+~0.25-0.30 s (benchmarks/gpu_throughput.py, `project_graphs`); one real epoch through the CLI 117.6 s eager,
+39.1 s then 25.4 s with the fast config (benchmarks/fit_epoch.py), the same per-step losses.
 
 A graph replays fixed shapes and fixed addresses, so every micro-batch is first made static on the CPU
 (finllm_pl.data.static_batch, in the DataLoader, when data.static_batches is on, which model.cuda_graphs
@@ -121,9 +121,10 @@ class GraphedLossBackward:
         st = {k: v for k, v in batch.items() if k.startswith("g_")}
         rows, length = st["g_ids"].shape
         loss = n = None
-        for part in row_chunks(rows, length, self.max_tokens):
+        parts = row_chunks(rows, length, self.max_tokens)
+        for part in parts:
             # A chunk holds some of the rows (views; the shared prefix is every chunk's): its own graph shape.
-            chunk = st if part.stop - part.start == rows else {k: v if k == "g_pre" else v[part] for k, v in st.items()}
+            chunk = st if len(parts) == 1 else {k: v if k == "g_pre" else v[part] for k, v in st.items()}
             l, c, grads = self._replay(chunk)
             self._accumulate(grads)
             # cloned/added before the next replay overwrites the graph's outputs

@@ -62,6 +62,17 @@ def _adapter(cli):
     return {k: v.clone() for k, v in cli.model.model.named_parameters() if v.requires_grad}
 
 
+def _assert_trains_alike(ref_losses, ref, losses, cli):
+    """The same per-step losses (rel 1e-5) and adapter (Adam magnifies fp32 rounding) as the reference run."""
+    assert ref_losses.by_step.keys() == losses.by_step.keys() and len(ref_losses.by_step) >= 3
+    for step, loss in ref_losses.by_step.items():
+        assert losses.by_step[step] == pytest.approx(loss, rel=1e-5), step
+    got = _adapter(cli)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
+
+
 def test_fit_writes_adapter_only_checkpoints_and_a_peft_adapter(workdir, tiny_dir):
     cli = _run(FAST)
     ckpt_dir = Path("checkpoints/smoke")
@@ -179,13 +190,9 @@ def test_cuda_graphs_step_gives_the_eager_steps_losses_and_adapter(workdir, shar
     assert cli.model._graphed is not None and cli.model._graphed.grads is not None  # the static path ran
     # the prefix path ran on every batch (the smoke data's rows share template + instruction), or never
     assert all(n >= 8 for n in seen.lengths) if shared_prefix else not any(seen.lengths)
-    assert len(ref_losses.by_step) == 8 and ref_losses.by_step.keys() == graph_losses.by_step.keys()
-    for step, loss in ref_losses.by_step.items():
-        assert graph_losses.by_step[step] == pytest.approx(loss, rel=1e-5), step
+    assert len(ref_losses.by_step) == 8
+    _assert_trains_alike(ref_losses, ref, graph_losses, cli)
     got = _adapter(cli)
-    assert ref.keys() == got.keys()
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)  # Adam magnifies fp32 rounding
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in got.items() if "lora_B" in k)  # it trained
 
 
@@ -258,13 +265,7 @@ def test_dequantize_once_trains_exactly_like_the_4bit_layers(workdir):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in ref_cli.model.model.modules())
     cli = _run(args + ["--model.dequantize_once", "true", "--checkpoint.dirpath", "ck_once"], [once_losses])
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in cli.model.model.modules())
-    assert ref_losses.by_step.keys() == once_losses.by_step.keys() and len(ref_losses.by_step) >= 3
-    for step, loss in ref_losses.by_step.items():
-        assert once_losses.by_step[step] == pytest.approx(loss, rel=1e-5), step
-    ref, got = _adapter(ref_cli), _adapter(cli)
-    assert ref.keys() == got.keys()
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
+    _assert_trains_alike(ref_losses, _adapter(ref_cli), once_losses, cli)
 
 
 @pytest.mark.parametrize("graphs", [False, True])
@@ -289,12 +290,7 @@ def test_chunked_micro_batches_train_like_whole_ones(workdir, graphs, monkeypatc
         monkeypatch.setattr(mod, "row_chunks", counting)
     cli = _run(args + ["--model.chunk_tokens", "100", "--checkpoint.dirpath", "ck_chunks"], [chunk_losses])
     assert splits and all(n > 1 and tokens <= 100 for rows, n, tokens in splits if rows > 1)  # every batch split
-    assert ref_losses.by_step.keys() == chunk_losses.by_step.keys() and len(ref_losses.by_step) >= 3
-    for step, loss in ref_losses.by_step.items():
-        assert chunk_losses.by_step[step] == pytest.approx(loss, rel=1e-5), step
-    got = _adapter(cli)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
+    _assert_trains_alike(ref_losses, ref, chunk_losses, cli)
 
 
 def test_row_chunks_cap_the_padded_tokens_with_few_shapes():
@@ -321,9 +317,4 @@ def test_compiled_layers_train_like_the_plain_static_step(workdir):
     kinds = {type(m).__name__ for m in compiled}
     assert {"Qwen2RMSNorm", "Qwen2MLP"} <= kinds and any("Linear" in k for k in kinds), kinds
     assert not any("forward" in vars(m) for m in compiled)  # the plain forwards are back
-    assert ref_losses.by_step.keys() == comp_losses.by_step.keys() and len(ref_losses.by_step) >= 3
-    for step, loss in ref_losses.by_step.items():
-        assert comp_losses.by_step[step] == pytest.approx(loss, rel=1e-5), step
-    got = _adapter(cli)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
+    _assert_trains_alike(ref_losses, ref, comp_losses, cli)
