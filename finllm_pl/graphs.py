@@ -4,7 +4,7 @@ Why: a QLoRA step of a 1.5B model at micro-batch 32 launches ~7,000 small kernel
 module by module) and the GPU sits idle most of the time waiting for Python to launch them. A CUDA graph records
 the kernels of one step once and replays them with one launch. Measured on an H100: 0.075 s per step instead of
 ~0.25-0.30 s (benchmarks/gpu_throughput.py, `project_graphs`); one real epoch through the CLI 117.6 s eager,
-39.1 s then 25.4 s with the fast config (benchmarks/fit_epoch.py), the same per-step losses.
+28.6 s then 17.9 s with the fast config (benchmarks/fit_epoch.py), the same per-step losses.
 
 A graph replays fixed shapes and fixed addresses, so every micro-batch is first made static on the CPU
 (finllm_pl.data.static_batch, in the DataLoader, when data.static_batches is on, which model.cuda_graphs
@@ -12,9 +12,11 @@ turns on): lengths padded up to a few bucket sizes (16, 24, ..., 64, 80, ...: `s
 mask as an explicit 4D causal + padding mask (HF's own mask code inspects padding on the CPU, a sync a capture
 forbids), and the supervised positions as a fixed number of (position, target, weight) slots per row instead of
 a boolean gather whose size depends on the data. The prompt prefix every row of the micro-batch starts with
-(template + instruction; data.shared_prefix) runs once at batch 1 and its keys/values serve every row, gradients
+(template + instruction; data.shared_prefix) runs once, packed in front of the rows in one sequence whose
+attention keeps the rows apart (packed_prefix_attention), its keys/values serving every row and gradients
 flowing back through them: fewer tokens, the same math; with LoRA dropout the rows share that prefix's dropout
-mask. One graph per (rows, prefix, length, slots) shape, captured the first
+mask. (Run as a separate batch-1 pass first, the prefix doubled the step's kernel count: 25.2 -> 17.9 s per
+epoch packed.) One graph per (rows, prefix, length, slots) shape, captured the first
 time that shape comes, right after that batch's own eager step (the CUDA-graph docs warm up before capturing);
 all graphs share one memory pool, as they never run at the same time.
 
@@ -35,8 +37,75 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .errors import ModelError
 from .model import split_head
-from .scoring import _decoder_call, attention_mask_4d, mask_dtype, prefix_cache
+from .scoring import _decoder_call, attention_mask_4d, mask_dtype
+
+PACKED_ATTENTION = "finllm_packed_prefix"  # the attention function packed_prefix_attention registers with transformers
+
+
+def packed_prefix_attention(module, query, key, value, attention_mask, prefix_rows=None, **kwargs):
+    """Attention over one packed sequence [shared prefix (P tokens) | row 1 | ... | row B] (each row S tokens):
+    the prefix attends causally to itself, each row to the prefix and (through `attention_mask`, [B, 1, S, P + S])
+    to its own earlier tokens, never to another row. Everything else in a decoder layer is per token, so one
+    pass over the packed tokens runs the prefix's layers together with the rows' instead of as a second
+    batch-1 pass of its own: half the kernels of a step. Called by transformers' attention layers (registered
+    with AttentionInterface) with query [1, H, P + B*S, D] and key/value [1, KV heads, P + B*S, D], RoPE applied."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    packed_prefix_attention.calls += 1
+    P, B = prefix_rows
+    kwargs.pop("is_causal", None)
+
+    def rows(t):  # [1, h, P + B*S, D] -> the rows' part as a batch [B, h, S, D] (a view)
+        return t[:, :, P:].unflatten(2, (B, -1)).squeeze(0).transpose(0, 1)
+
+    def with_prefix(t):  # each row's keys/values: the prefix's (shared, expanded), then its own
+        return torch.cat([t[:, :, :P].expand(B, -1, -1, -1), rows(t)], 2)
+
+    pre, _ = sdpa_attention_forward(module, query[:, :, :P], key[:, :, :P], value[:, :, :P], None,
+                                    is_causal=True, **kwargs)
+    out, _ = sdpa_attention_forward(module, rows(query), with_prefix(key), with_prefix(value), attention_mask,
+                                    is_causal=False, **kwargs)
+    return torch.cat([pre, out.reshape(1, -1, *out.shape[2:])], 1), None  # [1, P + B*S, H, D]
+
+
+packed_prefix_attention.calls = 0
+
+
+@contextmanager
+def _attention(config, name: str):
+    """The model's attention implementation set to `name` for a while (it is looked up at every call)."""
+    from transformers import AttentionInterface
+
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, packed_prefix_attention)
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def packed_prefix_hidden(decoder, st: dict[str, torch.Tensor], mdt: torch.dtype) -> torch.Tensor:
+    """The rows' last hidden states [B, S, hidden] of a static micro-batch with a shared prefix (`g_pre`), from
+    one decoder pass over the packed tokens (packed_prefix_attention): the same math as running the prefix
+    first and the rows on its KV cache, in one pass. The prefix's LoRA dropout mask is drawn once and shared
+    by every row, as on that cache."""
+    pre, ids = st["g_pre"], st["g_ids"]
+    (B, S), P = ids.shape, pre.shape[1]
+    tokens = torch.cat([pre, ids.reshape(1, B * S)], 1)
+    positions = torch.cat([torch.arange(P, device=ids.device)[None], st["g_pos"].reshape(1, B * S)], 1)
+    calls = packed_prefix_attention.calls
+    with _attention(decoder.config, PACKED_ATTENTION):
+        hidden = _decoder_call(decoder, input_ids=tokens, position_ids=positions, prefix_rows=(P, B),
+                               attention_mask=attention_mask_4d(st["g_mask"], decoder, mdt),
+                               use_cache=False).last_hidden_state
+    if packed_prefix_attention.calls == calls:
+        raise ModelError(f"{type(decoder).__name__}: its attention layers do not go through transformers' "
+                         "AttentionInterface, which the shared-prefix training step needs; set data.shared_prefix 0")
+    return hidden[:, P:].reshape(B, S, -1)
 
 
 def row_chunks(rows: int, length: int, max_tokens: Optional[int]) -> list[slice]:
@@ -90,26 +159,33 @@ class GraphedLossBackward:
         self.grads: list[torch.Tensor] | None = None  # gradient buffers the optimizer reads (p.grad)
 
     @contextmanager
-    def _compiled_modules(self):
+    def _step_modules(self):
+        """While the step runs: the compiled forwards, and LoRA layers that take their bf16 input as it is. peft
+        casts it to the adapter's fp32 first, then autocast casts the dropped-out copy back to bf16 for the
+        matmul: the same numbers (dropout scales in fp32 and rounds once either way, forward and backward) at
+        two extra copies and an fp32 dropout per LoRA layer per pass."""
+        from peft.helpers import disable_input_dtype_casting
+
         for m, forward in self.compiled.items():
             m.forward = forward
         try:
-            yield
+            with disable_input_dtype_casting(self.model, active=self.dtype != torch.float32):
+                yield
         finally:
             for m in self.compiled:
                 del m.forward  # back to the class's own
 
     def _loss_and_grads(self, st: dict[str, torch.Tensor]):
         dev = st["g_ids"].device.type
-        with self._compiled_modules(), torch.autocast(dev, dtype=self.dtype, enabled=self.dtype != torch.float32,
+        with self._step_modules(), torch.autocast(dev, dtype=self.dtype, enabled=self.dtype != torch.float32,
                                                       cache_enabled=False):
-            ids, mdt = st["g_ids"], mask_dtype(self.head)
-            kwargs = {"use_cache": False}
-            if "g_pre" in st:  # the rows' shared prefix, once: its keys/values serve every row (and get their grads)
-                kwargs = {"cache": prefix_cache(self.decoder, st["g_pre"], ids.shape[0], mdt), "use_cache": True}
-            hidden = _decoder_call(self.decoder, input_ids=ids, position_ids=st["g_pos"],
-                                   attention_mask=attention_mask_4d(st["g_mask"], self.decoder, mdt),
-                                   **kwargs).last_hidden_state
+            mdt = mask_dtype(self.head)
+            if "g_pre" in st:  # the rows' shared prefix once, packed in front of them: one pass
+                hidden = packed_prefix_hidden(self.decoder, st, mdt)
+            else:
+                hidden = _decoder_call(self.decoder, input_ids=st["g_ids"], position_ids=st["g_pos"],
+                                       attention_mask=attention_mask_4d(st["g_mask"], self.decoder, mdt),
+                                       use_cache=False).last_hidden_state
             h = hidden.gather(1, st["g_idx"][..., None].expand(-1, -1, hidden.shape[-1]))
             ce = F.cross_entropy(self.head(h.reshape(-1, h.shape[-1])).float(), st["g_tgt"].reshape(-1),
                                  reduction="none")

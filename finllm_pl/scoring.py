@@ -124,7 +124,8 @@ def attention_mask_4d(visible: torch.Tensor, decoder, dtype: torch.dtype) -> tor
 
 
 def prefix_cache(decoder, prefix: torch.Tensor, B: int, dtype: torch.dtype, memo: Optional[dict] = None):
-    """A KV cache holding `prefix` ([1, P]) for B rows; differentiable (training backpropagates through it).
+    """A KV cache holding `prefix` ([1, P]) for B rows (differentiable; training packs the prefix instead:
+    graphs.packed_prefix_hidden, tested equal to this).
     Labeling passes `memo`: the prefix's keys/values are computed once per distinct prefix and kept for the next
     batches (the same instruction prefix heads every batch of a job; at batch 1 its forward is all kernel
     launches and no work). `dtype`: of an additive mask (eager attention)."""

@@ -1,0 +1,124 @@
+"""The static training step's pieces on tiny models built from configs: the packed shared-prefix pass against
+the prefix-KV-cache pass it replaces, and the LoRA input left in bf16 against peft's cast."""
+
+import types
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from finllm_pl import model as hf
+from finllm_pl.data import static_batch
+from finllm_pl.errors import ModelError
+from finllm_pl.graphs import GraphedLossBackward, packed_prefix_attention, packed_prefix_hidden
+from finllm_pl.scoring import _decoder_call, attention_mask_4d, prefix_cache
+
+ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+
+
+def _tiny_lora(arch: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+    config_cls, model_cls = ARCHS[arch]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        attn_implementation=attn)
+    model = hf.add_lora(model_cls(config).to(dtype), 4, 8, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    with torch.no_grad():  # a non-zero adapter, so the LoRA path counts in the comparison
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return model
+
+
+def _batch(prefix: int = 12):
+    """A static batch of 4 rows of different lengths that share their first `prefix` tokens."""
+    g = torch.Generator().manual_seed(1)
+    head = torch.randint(1, 97, (prefix,), generator=g)
+    rows = [torch.cat([head, torch.randint(1, 97, (n,), generator=g)]) for n in (3, 9, 5, 17)]
+    L = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([r, r.new_zeros(L - len(r))]) for r in rows])
+    mask = torch.stack([torch.arange(L) < len(r) for r in rows]).long()
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, : prefix + 1] = -100  # supervised: everything after the prefix's next token
+    return static_batch(ids, mask, labels, shared_prefix=8)
+
+
+@pytest.mark.parametrize("arch, attn", [("qwen2", "sdpa"), ("llama", "sdpa"), ("qwen2", "eager")])
+def test_packed_prefix_pass_equals_the_prefix_cache_pass(arch, attn):
+    """[prefix | row 1 | ... | row B] as one sequence gives every row's hidden states and LoRA gradients of the
+    two-pass computation (prefix once, its KV cache expanded to every row), on more than one architecture."""
+    model = _tiny_lora(arch, attn)
+    decoder, head, _ = hf.split_head(model)
+    st = _batch()
+    assert st["g_pre"].shape == (1, 12)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.randn(*st["g_ids"].shape, 64, generator=torch.Generator().manual_seed(2))
+
+    def rows_and_grads(fn):
+        hidden = fn()
+        return hidden.detach(), torch.autograd.grad((hidden * weights).sum(), params)
+
+    def two_pass():
+        cache = prefix_cache(decoder, st["g_pre"], st["g_ids"].shape[0], torch.float32)
+        return _decoder_call(decoder, input_ids=st["g_ids"], position_ids=st["g_pos"], cache=cache, use_cache=True,
+                             attention_mask=attention_mask_4d(st["g_mask"], decoder, torch.float32)).last_hidden_state
+
+    ref, ref_grads = rows_and_grads(two_pass)
+    calls = packed_prefix_attention.calls
+    got, grads = rows_and_grads(lambda: packed_prefix_hidden(decoder, st, torch.float32))
+    assert packed_prefix_attention.calls - calls == 2  # once per layer: the packed path really ran
+    assert decoder.config._attn_implementation == attn  # and the model's own attention is back
+    assert got.shape == ref.shape == (4, 24, 64)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):  # (the packed pass always runs SDPA: vs eager, float rounding differs)
+        torch.testing.assert_close(g, r, atol=1e-5 * r.abs().max(), rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_packed_prefix_pass_names_models_whose_attention_it_cannot_reach():
+    """A decoder whose attention ignores transformers' AttentionInterface cannot run the packed pass: a clear
+    error that says which setting avoids it, not silently wrong attention."""
+    class OwnAttention(torch.nn.Module):
+        config = Qwen2Config()
+
+        def forward(self, input_ids, **kwargs):
+            return types.SimpleNamespace(last_hidden_state=torch.zeros(*input_ids.shape, 8))
+
+    st = _batch()
+    with pytest.raises(ModelError, match="data.shared_prefix 0"):
+        packed_prefix_hidden(OwnAttention(), st, torch.float32)
+
+
+def test_bf16_step_feeds_lora_its_bf16_input_with_the_same_result(monkeypatch):
+    """Under bf16 autocast the static step gives the LoRA layers their bf16 input as it is (peft would cast it to
+    the adapter's fp32, and autocast back to bf16 for the matmul): the same loss and gradients, fewer copies;
+    afterwards the layers cast again as peft does by default."""
+    import peft.helpers
+
+    model = _tiny_lora("qwen2", dtype=torch.bfloat16)  # a bf16 base (the adapter stays fp32, as peft keeps it)
+    st = _batch()
+    step = GraphedLossBackward(model, torch.bfloat16, use_graphs=False)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+             for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    loss, n, grads = step._loss_and_grads(st)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+
+    seen.clear()  # the reference: peft's casting left on
+    monkeypatch.setattr(peft.helpers, "disable_input_dtype_casting", lambda model, active=True: _nothing())
+    ref_loss, ref_n, ref_grads = step._loss_and_grads(st)
+    assert set(seen) == {torch.float32}
+    for h in hooks:
+        h.remove()
+    assert n == ref_n and torch.equal(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=0, rtol=0)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
