@@ -54,7 +54,7 @@ class EpochClock(Callback):
         self.losses = {k: float(v) for k, v in self.losses.items()}
 
 
-VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<compile>_compile|_compsub)?")
+VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<compile>_compile|_compsub|_compnm)?")
 
 
 class StepProfiler(Callback):
@@ -83,6 +83,24 @@ class StepProfiler(Callback):
             self.result = summarize_profile(self.prof, wall)
             self.result["batches"] = self.steps
             self.prof = None
+
+
+@contextmanager
+def norms_and_mlps_only(on: bool):
+    """An experiment: model.compile_layers without the LoRA linears (their ~20 graphs are most of the compile time)."""
+    if not on:
+        yield
+        return
+    from peft.tuners.lora import LoraLayer
+
+    from finllm_pl import graphs
+
+    full = graphs.compiled_forwards
+    graphs.compiled_forwards = lambda decoder: {m: f for m, f in full(decoder).items() if not isinstance(m, LoraLayer)}
+    try:
+        yield
+    finally:
+        graphs.compiled_forwards = full
 
 
 @contextmanager
@@ -126,9 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="instruction JSONL (the 13,173-row sentiment set)")
     ap.add_argument("--out", default="results/gpu/fit_epoch.json")
     ap.add_argument("--variants", default="eager,graphs",
-                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_c<chunk_tokens>][_compile|_compsub]: "
+                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_c<chunk_tokens>][_compile|_compsub|_compnm]: "
                          "the config's settings unless a part overrides them (noprefix: data.shared_prefix 0; once: "
-                         "model.dequantize_once; c: model.chunk_tokens; compile: torch.compile per decoder layer, an experiment; compsub: model.compile_layers)")
+                         "model.dequantize_once; c: model.chunk_tokens; compile: torch.compile per decoder layer, an experiment; compsub: model.compile_layers; compnm: the same without the LoRA linears, an experiment)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs per variant; each is timed (the first captures)")
     ap.add_argument("--limit-batches", type=int, default=None, help="micro-batches per epoch (default: all)")
     ap.add_argument("--profile-steps", type=int, default=0, help="profile this many batches of the last epoch")
@@ -150,7 +168,7 @@ def main(argv=None) -> int:
                 over += ["--data.num_workers", m["workers"]]
             if m["once"]:
                 over += ["--model.dequantize_once", "true"]
-            if m["compile"] == "_compsub":
+            if m["compile"] in ("_compsub", "_compnm"):
                 over += ["--model.compile_layers", "true"]
             if m["chunk"]:
                 over += ["--model.chunk_tokens", m["chunk"]]
@@ -158,15 +176,15 @@ def main(argv=None) -> int:
                 over += ["--trainer.limit_train_batches", str(a.limit_batches)]
             clock, prof = EpochClock(), StepProfiler(a.profile_steps)
             torch.cuda.reset_peak_memory_stats()
-            cli = cli_main(["--config", results["config"], "--model.model_name_or_path", str(model_dir),
-                            "--data.train_path", a.data, "--data.val_fraction", "0", "--trainer.max_epochs",
-                            str(a.epochs), "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-                            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                            "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", f"{tmp}/{name}",
-                            "--checkpoint.dirpath", f"{tmp}/{name}", "--checkpoint.every_n_train_steps", "100000",
-                            *over], run=False)
-            cli.trainer.callbacks.extend([clock, prof])
-            with compiled_layers(m["compile"] == "_compile"):
+            args = ["--config", results["config"], "--model.model_name_or_path", str(model_dir),
+                    "--data.train_path", a.data, "--data.val_fraction", "0", "--trainer.max_epochs", str(a.epochs),
+                    "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                    "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", f"{tmp}/{name}",
+                    "--checkpoint.dirpath", f"{tmp}/{name}", "--checkpoint.every_n_train_steps", "100000", *over]
+            with compiled_layers(m["compile"] == "_compile"), norms_and_mlps_only(m["compile"] == "_compnm"):
+                cli = cli_main(args, run=False)
+                cli.trainer.callbacks.extend([clock, prof])
                 cli.trainer.fit(cli.model, cli.datamodule)
             g, dm = cli.model._graphed, cli.datamodule
             tokens = sum(dm.train_set["length"])

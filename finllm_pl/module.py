@@ -105,10 +105,9 @@ class FinLLM(L.LightningModule):
                 bucket; finllm_pl/graphs.py): 2.2-2.6x faster epochs for the 1.5B model on an H100, same
                 losses. fit on one GPU, bf16 or fp32, no gradient checkpointing; without CUDA the same fixed-shape
                 step runs eagerly. validate and predict ignore it.
-            compile_layers: torch.compile the decoder layers' norms, MLPs and LoRA linears inside the CUDA-graph
-                training step (fused kernels; one compiled forward per class serves every layer). Needs cuda_graphs.
-                On an H100: steady epochs 25.0 -> 19.8 s, but ~65 s of compiling first (~35 s with torch's compile
-                cache warm): pays on runs of more than ~5 minutes.
+            compile_layers: torch.compile the decoder layers' norms and MLPs inside the CUDA-graph training step
+                (fused kernels; one compiled forward per class serves every layer). Needs cuda_graphs. On an H100:
+                epochs 28.9 / 17.8 -> 25.5 / 14.9 s (first / later; the first compiles, a few seconds).
             dequantize_once: keep the 4-bit base dequantized (in compute dtype) for the whole run instead of
                 dequantizing every layer at every forward and backward: the same weights and results, fewer GPU
                 kernels per step, +2 bytes per base weight of memory (2.6 GB for the 1.5B model).
