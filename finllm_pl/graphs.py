@@ -92,18 +92,19 @@ def _attention(config, name: str):
         config._attn_implementation = before
 
 
-def packed_prefix_hidden(decoder, st: dict[str, torch.Tensor], mdt: torch.dtype) -> torch.Tensor:
+def packed_prefix_hidden(decoder, st: dict[str, torch.Tensor], mdt: torch.dtype, call=_decoder_call) -> torch.Tensor:
     """The rows' last hidden states [B, S, hidden] of a static micro-batch with a shared prefix (`g_pre`), from
     one decoder pass over the packed tokens (packed_prefix_attention): the same math as running the prefix
     first and the rows on its KV cache, in one pass. The prefix's LoRA dropout mask is drawn once and shared
-    by every row, as on that cache."""
+    by every row, as on that cache. `call(decoder, **kwargs)` runs the decoder (GraphedLossBackward's may swap
+    in compute-dtype adapter weights)."""
     pre, ids = st["g_pre"], st["g_ids"]
     (B, S), P = ids.shape, pre.shape[1]
     tokens = torch.cat([pre, ids.reshape(1, B * S)], 1)
     positions = torch.cat([torch.arange(P, device=ids.device)[None], st["g_pos"].reshape(1, B * S)], 1)
     calls = packed_prefix_attention.calls
     with _attention(decoder.config, PACKED_ATTENTION):
-        hidden = _decoder_call(decoder, input_ids=tokens, position_ids=positions, prefix_rows=(P, B),
+        hidden = call(decoder, input_ids=tokens, position_ids=positions, prefix_rows=(P, B),
                                attention_mask=attention_mask_4d(st["g_mask"], decoder, mdt),
                                use_cache=False).last_hidden_state
     compiled = any(getattr(layer, "_compiled_call_impl", None) for layer in getattr(decoder, "layers", ()))  # counts nothing
@@ -155,6 +156,12 @@ class GraphedLossBackward:
         self.compiled = compiled_forwards(self.decoder) if compile_layers else {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = compute_dtype
+        # Under autocast every LoRA matmul casts its fp32 weight to bf16 (and its gradient back): 448 small copy
+        # kernels per step for the 1.5B model. One cast of all of them at the step's start is the same numbers.
+        named = [(n, p) for n, p in self.decoder.named_parameters() if p.requires_grad]
+        self.adapter_names = [n for n, _ in named]
+        self.cast_adapter_once = (compute_dtype != torch.float32 and len(named) == len(self.params) and
+                                  all(".lora_A." in n or ".lora_B." in n for n in self.adapter_names))
         self.use_graphs = use_graphs
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None
@@ -177,17 +184,26 @@ class GraphedLossBackward:
             for m in self.compiled:
                 del m.forward  # back to the class's own
 
+    def _decoder(self):
+        """How the step calls the decoder: as it is, or (cast_adapter_once) with every LoRA weight replaced by its
+        compute-dtype copy, made by one cast of them all (their gradients flow back through it to the fp32
+        weights the optimizer keeps)."""
+        if not self.cast_adapter_once:
+            return _decoder_call
+        low = torch.cat([p.reshape(-1) for p in self.params]).to(self.dtype).split([p.numel() for p in self.params])
+        swap = {n: t.view_as(p) for n, t, p in zip(self.adapter_names, low, self.params)}
+        return lambda decoder, **kwargs: torch.func.functional_call(decoder, swap, (), kwargs, strict=False)
+
     def _loss_and_grads(self, st: dict[str, torch.Tensor]):
         dev = st["g_ids"].device.type
         with self._step_modules(), torch.autocast(dev, dtype=self.dtype, enabled=self.dtype != torch.float32,
                                                       cache_enabled=False):
-            mdt = mask_dtype(self.head)
+            mdt, call = mask_dtype(self.head), self._decoder()
             if "g_pre" in st:  # the rows' shared prefix once, packed in front of them: one pass
-                hidden = packed_prefix_hidden(self.decoder, st, mdt)
+                hidden = packed_prefix_hidden(self.decoder, st, mdt, call)
             else:
-                hidden = _decoder_call(self.decoder, input_ids=st["g_ids"], position_ids=st["g_pos"],
-                                       attention_mask=attention_mask_4d(st["g_mask"], self.decoder, mdt),
-                                       use_cache=False).last_hidden_state
+                hidden = call(self.decoder, input_ids=st["g_ids"], position_ids=st["g_pos"], use_cache=False,
+                              attention_mask=attention_mask_4d(st["g_mask"], self.decoder, mdt)).last_hidden_state
             h = hidden.gather(1, st["g_idx"][..., None].expand(-1, -1, hidden.shape[-1]))
             ce = F.cross_entropy(self.head(h.reshape(-1, h.shape[-1])).float(), st["g_tgt"].reshape(-1),
                                  reduction="none")

@@ -5,6 +5,7 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from finllm_pl import model as hf
@@ -89,31 +90,58 @@ def test_packed_prefix_pass_names_models_whose_attention_it_cannot_reach():
         packed_prefix_hidden(OwnAttention(), st, torch.float32)
 
 
-def test_bf16_step_feeds_lora_its_bf16_input_with_the_same_result(monkeypatch):
-    """Under bf16 autocast the static step gives the LoRA layers their bf16 input as it is (peft would cast it to
-    the adapter's fp32, and autocast back to bf16 for the matmul): the same loss and gradients, fewer copies;
-    afterwards the layers cast again as peft does by default."""
+def test_bf16_step_casts_lora_weights_once_and_feeds_lora_its_bf16_input_with_the_same_result(monkeypatch):
+    """Under bf16 autocast the static step casts all LoRA weights to bf16 in one go (autocast would cast each at
+    its matmul, and each gradient back) and gives the LoRA layers their bf16 input as it is (peft would cast it
+    to the adapter's fp32, and autocast back to bf16 for the matmul): the same loss and gradients, bit for bit,
+    with fewer copy kernels; afterwards the layers hold their fp32 weights and cast as peft does by default."""
     import peft.helpers
 
     model = _tiny_lora("qwen2", dtype=torch.bfloat16)  # a bf16 base (the adapter stays fp32, as peft keeps it)
     st = _batch()
     step = GraphedLossBackward(model, torch.bfloat16, use_graphs=False)
-    seen = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
-             for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
-    loss, n, grads = step._loss_and_grads(st)
-    assert seen and set(seen) == {torch.bfloat16}
-    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    assert step.cast_adapter_once
+    inputs, weights = [], []
+    lora = [m for n, m in model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
 
-    seen.clear()  # the reference: peft's casting left on
+    def seen(m, args):
+        inputs.append(args[0].dtype)
+        weights.append(m.weight.dtype)
+
+    hooks = [m.register_forward_pre_hook(seen) for m in lora]
+    with _Copies() as copies:
+        loss, n, grads = step._loss_and_grads(st)
+    assert len(weights) == 2 * 4 * 2 and set(weights) == {torch.bfloat16}  # A and B of q/k/v/o in 2 layers
+    assert set(inputs[::2]) == {torch.bfloat16}  # lora_A's input: x after dropout
+    assert all(m.weight.dtype == torch.float32 for m in lora)
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    assert all(g.dtype == torch.float32 for g in grads)
+
+    inputs.clear(), weights.clear()  # the reference: each weight cast at its matmul, peft's input casting on
+    step.cast_adapter_once = False
     monkeypatch.setattr(peft.helpers, "disable_input_dtype_casting", lambda model, active=True: _nothing())
-    ref_loss, ref_n, ref_grads = step._loss_and_grads(st)
-    assert set(seen) == {torch.float32}
+    with _Copies() as ref_copies:
+        ref_loss, ref_n, ref_grads = step._loss_and_grads(st)
+    # per step: 16 weight casts + 16 gradient casts + 8 input casts forward and backward -> 2 casts in all
+    assert copies.n <= ref_copies.n - 46, (copies.n, ref_copies.n)
+    assert set(weights) == {torch.float32} and set(inputs[::2]) == {torch.float32}
     for h in hooks:
         h.remove()
     assert n == ref_n and torch.equal(loss, ref_loss)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=0, rtol=0)
+
+
+class _Copies(TorchDispatchMode):
+    """Counts dtype-converting copies (aten._to_copy) run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket is torch.ops.aten._to_copy
+        return func(*args, **(kwargs or {}))
 
 
 class _nothing:
