@@ -4,7 +4,7 @@ Why: a QLoRA step of a 1.5B model at micro-batch 32 launches ~7,000 small kernel
 module by module) and the GPU sits idle most of the time waiting for Python to launch them. A CUDA graph records
 the kernels of one step once and replays them with one launch. Measured on an H100: 0.075 s per step instead of
 ~0.25-0.30 s (benchmarks/gpu_throughput.py, `project_graphs`); one real epoch through the CLI 117.6 s eager,
-28.6 s then 17.9 s with the fast config (benchmarks/fit_epoch.py), the same per-step losses.
+24.7 s then 14.5 s with the fast config (benchmarks/fit_epoch.py), the same per-step losses.
 
 A graph replays fixed shapes and fixed addresses, so every micro-batch is first made static on the CPU
 (finllm_pl.data.static_batch, in the DataLoader, when data.static_batches is on, which model.cuda_graphs
@@ -16,9 +16,10 @@ a boolean gather whose size depends on the data. The prompt prefix every row of 
 attention keeps the rows apart (packed_prefix_attention), its keys/values serving every row and gradients
 flowing back through them: fewer tokens, the same math; with LoRA dropout the rows share that prefix's dropout
 mask. (Run as a separate batch-1 pass first, the prefix doubled the step's kernel count: 25.2 -> 17.9 s per
-epoch packed.) One graph per (rows, prefix, length, slots) shape, captured the first
-time that shape comes, right after that batch's own eager step (the CUDA-graph docs warm up before capturing);
-all graphs share one memory pool, as they never run at the same time.
+epoch packed.) One graph per (rows, prefix, length, slots) shape, captured the first time that shape comes,
+right after that batch's own eager step (the CUDA-graph docs warm up before capturing); all graphs share one
+memory pool, as they never run at the same time. Under bf16 autocast all LoRA weights are cast once per step
+and the LoRA layers take their bf16 input uncast: the same numbers with ~450 fewer copy kernels (14.9 -> 14.4 s).
 
 The graph computes the summed token loss and the LoRA gradients (`torch.autograd.grad`); they are added into
 `p.grad` outside it, so accumulation, clipping, the optimizer and the LR schedule stay the trainer's own.
@@ -78,14 +79,14 @@ packed_prefix_attention.calls = 0
 
 
 @contextmanager
-def _attention(config, name: str):
-    """The model's attention implementation set to `name` for a while (it is looked up at every call)."""
+def _packed_attention(config):
+    """The model's attention implementation switched to packed_prefix_attention for a while (the attention layers
+    look it up by name at every call)."""
     from transformers import AttentionInterface
 
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, packed_prefix_attention)
+    AttentionInterface.register(PACKED_ATTENTION, packed_prefix_attention)  # (again: a dict entry)
     before = config._attn_implementation
-    config._attn_implementation = name
+    config._attn_implementation = PACKED_ATTENTION
     try:
         yield
     finally:
@@ -103,11 +104,11 @@ def packed_prefix_hidden(decoder, st: dict[str, torch.Tensor], mdt: torch.dtype,
     tokens = torch.cat([pre, ids.reshape(1, B * S)], 1)
     positions = torch.cat([torch.arange(P, device=ids.device)[None], st["g_pos"].reshape(1, B * S)], 1)
     calls = packed_prefix_attention.calls
-    with _attention(decoder.config, PACKED_ATTENTION):
-        hidden = call(decoder, input_ids=tokens, position_ids=positions, prefix_rows=(P, B),
-                               attention_mask=attention_mask_4d(st["g_mask"], decoder, mdt),
-                               use_cache=False).last_hidden_state
-    compiled = any(getattr(layer, "_compiled_call_impl", None) for layer in getattr(decoder, "layers", ()))  # counts nothing
+    with _packed_attention(decoder.config):
+        hidden = call(decoder, input_ids=tokens, position_ids=positions, prefix_rows=(P, B), use_cache=False,
+                      attention_mask=attention_mask_4d(st["g_mask"], decoder, mdt)).last_hidden_state
+    # (layers compiled whole, as benchmarks/fit_epoch.py's _compile experiment does, do not count their calls)
+    compiled = any(getattr(layer, "_compiled_call_impl", None) for layer in getattr(decoder, "layers", ()))
     if packed_prefix_attention.calls == calls and not compiled:
         raise ModelError(f"{type(decoder).__name__}: its attention layers do not go through transformers' "
                          "AttentionInterface, which the shared-prefix training step needs; set data.shared_prefix 0")
