@@ -1,5 +1,6 @@
 """The static training step's pieces on tiny models built from configs: the packed shared-prefix pass against
-the prefix-KV-cache pass it replaces, and the LoRA input left in bf16 against peft's cast."""
+the prefix-KV-cache pass it replaces, and (bf16) the LoRA weights cast once per step with the LoRA input left
+uncast against peft's and autocast's casting at every layer."""
 
 import types
 
