@@ -19,7 +19,6 @@ import re
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,7 +53,7 @@ class EpochClock(Callback):
         self.losses = {k: float(v) for k, v in self.losses.items()}
 
 
-VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<compile>_compile|_compsub|_compnm)?")
+VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<nocomp>_nocomp)?")
 
 
 class StepProfiler(Callback):
@@ -85,51 +84,6 @@ class StepProfiler(Callback):
             self.prof = None
 
 
-@contextmanager
-def norms_and_mlps_only(on: bool):
-    """An experiment: model.compile_layers without the LoRA linears (their ~20 graphs are most of the compile time)."""
-    if not on:
-        yield
-        return
-    from peft.tuners.lora import LoraLayer
-
-    from finllm_pl import graphs
-
-    full = graphs.compiled_forwards
-    graphs.compiled_forwards = lambda decoder: {m: f for m, f in full(decoder).items() if not isinstance(m, LoraLayer)}
-    try:
-        yield
-    finally:
-        graphs.compiled_forwards = full
-
-
-@contextmanager
-def compiled_layers(on: bool):
-    """An experiment (the product's model.compile_layers compiles parts of each layer instead: `_compsub`):
-    torch.compile each whole decoder layer of the graphed step (dynamic shapes)."""
-    if not on:
-        yield
-        return
-    import torch._dynamo as dynamo
-
-    from finllm_pl import graphs
-
-    init = graphs.GraphedLossBackward.__init__
-
-    def compiling_init(self, model, *args, **kwargs):
-        init(self, model, *args, **kwargs)
-        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-        for layer in self.decoder.layers:
-            layer.compile(dynamic=True)
-
-    graphs.GraphedLossBackward.__init__ = compiling_init
-    try:
-        yield
-    finally:
-        graphs.GraphedLossBackward.__init__ = init
-        dynamo.reset()
-
-
 def write_results(out: str, results: dict, table: list[str] = ()) -> None:
     """The JSON results file (written again as variants finish), then the table, printed last."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -144,9 +98,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="instruction JSONL (the 13,173-row sentiment set)")
     ap.add_argument("--out", default="results/gpu/fit_epoch.json")
     ap.add_argument("--variants", default="eager,graphs",
-                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_c<chunk_tokens>][_compile|_compsub|_compnm]: "
+                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_c<chunk_tokens>][_nocomp]: "
                          "the config's settings unless a part overrides them (noprefix: data.shared_prefix 0; once: "
-                         "model.dequantize_once; c: model.chunk_tokens; compile: torch.compile per decoder layer, an experiment; compsub: model.compile_layers; compnm: the same without the LoRA linears, an experiment)")
+                         "model.dequantize_once; c: model.chunk_tokens; nocomp: model.compile_layers false)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs per variant; each is timed (the first captures)")
     ap.add_argument("--limit-batches", type=int, default=None, help="micro-batches per epoch (default: all)")
     ap.add_argument("--profile-steps", type=int, default=0, help="profile this many batches of the last epoch")
@@ -168,8 +122,8 @@ def main(argv=None) -> int:
                 over += ["--data.num_workers", m["workers"]]
             if m["once"]:
                 over += ["--model.dequantize_once", "true"]
-            if m["compile"] in ("_compsub", "_compnm"):
-                over += ["--model.compile_layers", "true"]
+            if m["nocomp"] or m["mode"] == "eager":  # (compile_layers works inside the CUDA-graph step only)
+                over += ["--model.compile_layers", "false"]
             if m["chunk"]:
                 over += ["--model.chunk_tokens", m["chunk"]]
             if a.limit_batches:
@@ -182,10 +136,9 @@ def main(argv=None) -> int:
                     "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                     "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", f"{tmp}/{name}",
                     "--checkpoint.dirpath", f"{tmp}/{name}", "--checkpoint.every_n_train_steps", "100000", *over]
-            with compiled_layers(m["compile"] == "_compile"), norms_and_mlps_only(m["compile"] == "_compnm"):
-                cli = cli_main(args, run=False)
-                cli.trainer.callbacks.extend([clock, prof])
-                cli.trainer.fit(cli.model, cli.datamodule)
+            cli = cli_main(args, run=False)
+            cli.trainer.callbacks.extend([clock, prof])
+            cli.trainer.fit(cli.model, cli.datamodule)
             g, dm = cli.model._graphed, cli.datamodule
             tokens = sum(dm.train_set["length"])
             run = {"variant": name, "micro": dm.hparams.batch_size, "accumulation": cli.model.hparams.accumulate_grad_batches,

@@ -107,9 +107,7 @@ def packed_prefix_hidden(decoder, st: dict[str, torch.Tensor], mdt: torch.dtype,
     with _packed_attention(decoder.config):
         hidden = call(decoder, input_ids=tokens, position_ids=positions, prefix_rows=(P, B), use_cache=False,
                       attention_mask=attention_mask_4d(st["g_mask"], decoder, mdt)).last_hidden_state
-    # (layers compiled whole, as benchmarks/fit_epoch.py's _compile experiment does, do not count their calls)
-    compiled = any(getattr(layer, "_compiled_call_impl", None) for layer in getattr(decoder, "layers", ()))
-    if packed_prefix_attention.calls == calls and not compiled:
+    if packed_prefix_attention.calls == calls:
         raise ModelError(f"{type(decoder).__name__}: its attention layers do not go through transformers' "
                          "AttentionInterface, which the shared-prefix training step needs; set data.shared_prefix 0")
     return hidden.split([P, B * S], 1)[1].reshape(B, S, -1)

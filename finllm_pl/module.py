@@ -204,10 +204,10 @@ class FinLLM(L.LightningModule):
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
             raise ConfigError("model.cuda_graphs runs on one GPU only (DDP's gradient sync is not captured); set "
-                              "model.cuda_graphs false for multi-GPU runs")
+                              "model.cuda_graphs false (and model.compile_layers false) for multi-GPU runs")
         if trainer is not None and str(trainer.precision).startswith("16"):
             raise ConfigError("model.cuda_graphs does not support fp16 loss scaling; use trainer.precision "
-                              "bf16-mixed or 32-true, or model.cuda_graphs false")
+                              "bf16-mixed or 32-true, or model.cuda_graphs false (and model.compile_layers false)")
         if device.type != "cuda":
             rank_zero_warn("model.cuda_graphs: no CUDA device, so the fixed-shape training step runs eagerly "
                            "(same results, no speed-up)")

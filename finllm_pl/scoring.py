@@ -133,7 +133,7 @@ def prefix_cache(decoder, prefix: torch.Tensor, B: int, dtype: torch.dtype, memo
     kv = memo.get(key) if memo is not None else None
     if kv is None:
         # An explicit causal 4D mask: HF's own mask code would look at the (all-ones) padding mask on the host,
-        # a device sync (and one a CUDA-graph capture forbids: training runs this inside one).
+        # a device sync.
         P = prefix.shape[1]
         causal = torch.ones(P, P, dtype=torch.bool, device=prefix.device).tril()[None]
         out = _decoder_call(decoder, input_ids=prefix, attention_mask=attention_mask_4d(causal, decoder, dtype),
