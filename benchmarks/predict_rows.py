@@ -15,6 +15,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -33,11 +34,27 @@ from fit_epoch import write_results  # noqa: E402  (benchmarks/ is on the path: 
 VARIANTS = {  # name: overrides of the fast config
     "rows1024": ["--data.eval_batch_size", "1024", "--data.eval_batch_tokens", "null"],
     "config": [],
-    "once": ["--model.dequantize_once", "true"],
     "merge": ["--model.dequantize_once", "true", "--model.merge_for_labeling", "true"],
-    "merge_w1": ["--model.dequantize_once", "true", "--model.merge_for_labeling", "true", "--data.num_workers", "1"],
-    "config_w1": ["--data.num_workers", "1"],
 }
+# suffixes, in any order after the name: _w<N> (data.num_workers N), _nocomp (model.compile_layers false),
+# _nocudnn (SDPA without its cuDNN backend)
+
+
+def overrides(name: str) -> tuple[list[str], bool]:
+    """(CLI overrides, cuDNN attention off) of a variant name such as config_w4_nocomp."""
+    base, *suffixes = name.split("_")
+    args = list(VARIANTS[base])
+    nocudnn = False
+    for s in suffixes:
+        if re.fullmatch(r"w\d+", s):
+            args += ["--data.num_workers", s[1:]]
+        elif s == "nocomp":
+            args += ["--model.compile_layers", "false"]
+        elif s == "nocudnn":
+            nocudnn = True
+        else:
+            raise SystemExit(f"unknown variant suffix _{s} in {name}")
+    return args, nocudnn
 
 
 def make_adapter(model_dir: Path, out: Path) -> Path:
@@ -63,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/gpu/predict_rows.json")
     ap.add_argument("--repeat", type=int, default=1,
                     help="label --data this many times over in one job (a longer job: fixed costs amortised)")
-    ap.add_argument("--variants", default="rows1024,config,once,merge", help=f"comma list of {', '.join(VARIANTS)}, each optionally + _nocudnn")
+    ap.add_argument("--variants", default="config,merge", help=f"comma list of {', '.join(VARIANTS)}, each optionally "
+                    "+ _w<N> (N workers), _nocomp (compile_layers off), _nocudnn (SDPA without cuDNN)")
     a = ap.parse_args(argv)
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "data": os.path.abspath(a.data),
                "config": "configs/deepseek_r1_distill_qwen_1.5b_fast.yaml", "runs": []}
@@ -77,21 +95,22 @@ def main(argv=None) -> int:
             Path(data).write_text(Path(a.data).read_text() * a.repeat)
         results["repeat"] = a.repeat
         for name in a.variants.split(","):
-            base_name, nocudnn = name.removesuffix("_nocudnn"), name.endswith("_nocudnn")
+            extra, nocudnn = overrides(name)
             torch.backends.cuda.enable_cudnn_sdp(not nocudnn)  # _nocudnn: SDPA without its cuDNN backend
             out = Path(tmp) / f"{name}.jsonl"
             torch.cuda.reset_peak_memory_stats()
             cli = cli_main(["predict", "--config", results["config"], "--model.model_name_or_path", str(model_dir),
                             "--ckpt_path", str(adapter), "--data.predict_path", data,
                             "--data.predict_output", str(out), "--trainer.logger", "false",
-                            "--trainer.enable_progress_bar", "false", *VARIANTS[base_name]])
+                            "--trainer.enable_progress_bar", "false", *extra])
             writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
             rows = [json.loads(line) for line in out.read_text().splitlines()]
             labels[name] = [r["label"] for r in rows]
             first = next(iter(labels))
-            run = {"variant": name, "overrides": VARIANTS[base_name] + (["(cuDNN attention off)"] if nocudnn else []), "rows": len(rows), **writer.speed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            run = {"variant": name, "overrides": extra + (["(cuDNN attention off)"] if nocudnn else []), "rows": len(rows), **writer.speed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "label_agreement": sum(x == y for x, y in zip(labels[first], labels[name])) / len(rows)}
             results["runs"].append(run)
+            write_results(a.out, results)  # (again after every variant: a run cut short keeps what it measured)
             print(f"{name}: {run['rows']} rows in {run['seconds']:.2f} s = {run['rows_s']:,.0f} rows/s, peak "
                   f"{run['peak_gib']:.2f} GiB, agreement with {first} {run['label_agreement']:.4f}", flush=True)
             del cli

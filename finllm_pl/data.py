@@ -327,13 +327,21 @@ def static_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: 
     return out
 
 
-def collate_prompts(prompts: list[list[int]], pad_id: int, label_ids: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Left-padded prompts (so every row's last prompt token sits in the last column) + the label sequences."""
+def shared_prefix_ids(prompts: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """The tokens every prompt starts with, leaving each prompt at least one of its own (its last hidden state
+    predicts the first label token): scoring.common_prefix_length's answer, known on the host."""
+    return tuple(os.path.commonprefix([list(p) for p in prompts])[:min(len(p) for p in prompts) - 1])
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int, label_ids: list[list[int]]) -> dict[str, Any]:
+    """Left-padded prompts (so every row's last prompt token sits in the last column) + the label sequences,
+    and the prompts' shared prefix (label scoring runs it once)."""
     return {
         "prompt_ids": _pad(prompts, pad_id, left=True),
         "prompt_mask": _pad([[1] * len(p) for p in prompts], 0, left=True),
         "label_ids": _pad(label_ids, pad_id),
         "label_mask": _pad([[1] * len(s) for s in label_ids], 0),
+        "shared_prefix": shared_prefix_ids(prompts),
     }
 
 
@@ -404,7 +412,7 @@ class InstructionDataModule(L.LightningDataModule):
                 (rows x longest row): GPU-sized batches of many short or few long rows, little padding. null = rows only.
             group_by_length: batch rows of similar length together (less padding).
             seed: seed of the validation split and of the batch order.
-            num_workers: DataLoader worker processes (prediction reads with at most 1).
+            num_workers: DataLoader worker processes (prediction: they take turns by predict chunk).
             static_batches: add the fixed-shape inputs CUDA graphs replay to training batches (linked to
                 model.cuda_graphs; do not set it twice).
             shared_prefix: static batches: when every row of a micro-batch starts with at least this many common
@@ -544,9 +552,8 @@ class InstructionDataModule(L.LightningDataModule):
                                hp.text_column, hp.eval_batch_size, hp.predict_chunk_rows, hp.max_length, hp.labels,
                                max_tokens=hp.eval_batch_tokens,
                                rank=rank, world_size=world, start_chunk=start)
-        # One worker at most: it reads and tokenizes the next batches while the GPU labels (a stream split over
-        # several workers would repeat rows); 0 reads in the main process.
-        return DataLoader(stream, batch_size=None, num_workers=min(hp.num_workers, 1), pin_memory=self._pin_memory())
+        # Workers read and tokenize the next chunks (taking turns) while the GPU labels; 0 reads in the main process.
+        return DataLoader(stream, batch_size=None, num_workers=hp.num_workers, pin_memory=self._pin_memory())
 
     # -- exact mid-epoch resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

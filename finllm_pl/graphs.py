@@ -142,6 +142,18 @@ def compiled_forwards(decoder) -> dict[torch.nn.Module, Any]:
     return out
 
 
+@contextmanager
+def swapped_forwards(forwards: dict[torch.nn.Module, Any]):
+    """The modules' forwards replaced by the given ones (compiled_forwards) for a while, then their class's own."""
+    for m, forward in forwards.items():
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m in forwards:
+            del m.forward
+
+
 class GraphedLossBackward:
     """`(loss_sum, n_supervised)` of a static micro-batch, its LoRA gradients added into `p.grad`."""
 
@@ -150,8 +162,8 @@ class GraphedLossBackward:
         self.model = model
         self.max_tokens = max_tokens  # model.chunk_tokens: longer micro-batches run as row chunks
         self.decoder, self.head, _ = split_head(model)
-        # model.compile_layers: compiled forwards, put in place only while this step runs (or is captured), so
-        # validation and prediction run the plain modules
+        # model.compile_layers: compiled forwards, put in place only while this step runs (or is captured);
+        # label scoring puts them in place for itself (FinLLM._labeling)
         self.compiled = compiled_forwards(self.decoder) if compile_layers else {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = compute_dtype
@@ -174,14 +186,9 @@ class GraphedLossBackward:
         two extra copies and an fp32 dropout per LoRA layer per pass."""
         from peft.helpers import disable_input_dtype_casting
 
-        for m, forward in self.compiled.items():
-            m.forward = forward
-        try:
-            with disable_input_dtype_casting(self.model, active=self.dtype != torch.float32):
-                yield
-        finally:
-            for m in self.compiled:
-                del m.forward  # back to the class's own
+        with swapped_forwards(self.compiled), disable_input_dtype_casting(self.model,
+                                                                          active=self.dtype != torch.float32):
+            yield
 
     def _decoder(self):
         """How the step calls the decoder: as it is, or (cast_adapter_once) with every LoRA weight replaced by its

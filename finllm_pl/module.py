@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from typing import Any, Literal, Optional
 
 import lightning as L
@@ -29,7 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from . import model as hf
 from .callbacks import check_adapter_matches
 from .errors import ConfigError, FinLLMError, ModelError
-from .graphs import GraphedLossBackward, row_chunks
+from .graphs import GraphedLossBackward, compiled_forwards, row_chunks, swapped_forwards
 from .metrics import label_metrics, summarize
 from .prompts import DEFAULT_LABELS
 from .schedule import WarmupOverflow, resolve_schedule
@@ -106,8 +107,9 @@ class FinLLM(L.LightningModule):
                 losses. fit on one GPU, bf16 or fp32, no gradient checkpointing; without CUDA the same fixed-shape
                 step runs eagerly. validate and predict ignore it.
             compile_layers: torch.compile the decoder layers' norms and MLPs inside the CUDA-graph training step
-                (fused kernels; one compiled forward per class serves every layer). Needs cuda_graphs. On an H100:
-                epochs 28.9 / 17.8 -> 25.5 / 14.9 s (first / later; the first compiles, a few seconds).
+                and in validation and label scoring (fused kernels; one compiled forward per class serves every
+                layer). Needs cuda_graphs. On an H100: epochs 28.9 / 17.8 -> 25.5 / 14.9 s (first / later; the
+                first compiles, a few seconds).
             dequantize_once: keep the 4-bit base dequantized (in compute dtype) for the whole run instead of
                 dequantizing every layer at every forward and backward: the same weights and results, fewer GPU
                 kernels per step, +2 bytes per base weight of memory (2.6 GB for the 1.5B model).
@@ -155,6 +157,7 @@ class FinLLM(L.LightningModule):
         self._shown: dict[str, float] = {}  # progress bar values of the last step read back
         self.schedule = None
         self._graphed = None  # GraphedLossBackward when model.cuda_graphs
+        self._label_forwards: Optional[dict] = None  # model.compile_layers: compiled forwards for labeling
         self._merged = False  # model.merge_for_labeling done
 
     # -- model -------------------------------------------------------------------------------------------
@@ -384,13 +387,25 @@ class FinLLM(L.LightningModule):
         self._merge_for_labeling()
         self._prefix_memo = {}
 
+    def _compiled_layers(self):
+        """model.compile_layers: the training step's compiled norms and MLPs (dynamic shapes) in place for
+        validation and label scoring too; a context."""
+        if not self.hparams.compile_layers:
+            return nullcontext()
+        if self._label_forwards is None:  # the training step's own when there is one: no second compile
+            self._label_forwards = (self._graphed.compiled if self._graphed is not None
+                                    else compiled_forwards(hf.split_head(self.model)[0]))
+        return swapped_forwards(self._label_forwards)
+
     def _score(self, batch: dict[str, Any]) -> torch.Tensor:
-        return score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
-                            batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0,
-                            prefix_memo=self._prefix_memo)
+        with self._compiled_layers():
+            return score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
+                                batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0,
+                                prefix_memo=self._prefix_memo, prefix=batch["shared_prefix"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, n = loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        with self._compiled_layers():
+            loss, n = loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         self._val += torch.stack([loss.detach().double(), n.double()])
         scores = self._score(batch)
         keep = batch["gold"] >= 0

@@ -2,9 +2,12 @@
 
 Reading: the input is read `chunk_rows` rows at a time (bounded memory for any file size); within a chunk rows
 are sorted by length so batches carry little padding. Under DDP, chunk c goes to rank c % world_size: no row is
-labeled twice and no sampler padding adds duplicates.
+labeled twice and no sampler padding adds duplicates. Within a rank, DataLoader workers take turns by chunk
+(worker w of W reads and tokenizes the rank's chunks w, w + W, ...): tokenizing is the CPU's share of labeling,
+and one process alone keeps an H100 waiting.
 
-Writing: each rank appends finished chunks, in input order, to its part file and records its progress
+Writing: each rank appends finished chunks, in input order (a chunk that finishes early waits for the ones
+before it), to its part file and records its progress
 (`<output>.part<rank>.json`: chunks and bytes done) after an fsync. A run killed at any point and restarted with
 the same command truncates the part file to the recorded size and continues from the next chunk. At the end the
 part(s) become the output by a rename (or a merge, then a rename, on several ranks): the output file appears
@@ -104,13 +107,16 @@ class PredictStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rows = iter_rows(self.path, instruction=self.instruction, need_output=False, text_column=self.text_column)
         pad = self.formatter.tokenizer.pad_token_id
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         c = -1
         while True:
             chunk = list(islice(rows, self.chunk_rows))
             if not chunk:
                 return
             c += 1
-            if c % self.world_size != self.rank or c // self.world_size < self.start_chunk:
+            mine = c // self.world_size  # the rank's own chunk number
+            if c % self.world_size != self.rank or mine < self.start_chunk or mine % workers != worker:
                 continue
             # Fit prompt + the longest label into max_length by cutting the input text, as training does.
             prompts = self.formatter.encode_prompts([(r.instruction, r.input) for r in chunk], self.longest_label,
@@ -175,20 +181,24 @@ class PredictionWriter(BasePredictionWriter):
         c, size = chunk
         self.labeled += len(prediction["rows"])
         slot = self.pending.setdefault(c, {"size": size, "rows": {}})
-        probs = torch.softmax(prediction["scores"], -1) if "scores" in prediction else None
+        # one tolist() for the batch: indexing a tensor row by row costs more than the JSON
+        probs = torch.softmax(prediction["scores"], -1).tolist() if "scores" in prediction else None
         for j, (index, rid, gold) in enumerate(prediction["rows"]):
             rec: dict[str, Any] = {"id": rid}
             if probs is not None:
-                rec["label"] = self.labels[int(probs[j].argmax())]
-                rec["probs"] = {lab: round(float(p), 6) for lab, p in zip(self.labels, probs[j])}
+                p = probs[j]
+                rec["label"] = self.labels[max(range(len(p)), key=p.__getitem__)]  # (first of equals, as argmax)
+                rec["probs"] = {lab: round(x, 6) for lab, x in zip(self.labels, p)}
             else:
                 rec["label"] = parse_generated(prediction["texts"][j], self.labels)
                 rec["generated"] = prediction["texts"][j]
             if gold is not None:
                 rec["gold"] = gold
             slot["rows"][index] = json.dumps(rec, ensure_ascii=False) + "\n"
-        if len(slot["rows"]) == slot["size"]:
-            self._flush(c)
+        # Chunks go to the part file in input order: one that a worker finished early waits for those before it.
+        while (nxt := self.state["chunks"] * self.world + self.rank) in self.pending and \
+                len(self.pending[nxt]["rows"]) == self.pending[nxt]["size"]:
+            self._flush(nxt)
 
     def _flush(self, c: int) -> None:
         rows = self.pending.pop(c)["rows"]

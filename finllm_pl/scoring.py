@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from functools import lru_cache
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,13 +123,16 @@ def attention_mask_4d(visible: torch.Tensor, decoder, dtype: torch.dtype) -> tor
     return visible[:, None]
 
 
-def prefix_cache(decoder, prefix: torch.Tensor, B: int, dtype: torch.dtype, memo: Optional[dict] = None):
+def prefix_cache(decoder, prefix: torch.Tensor, B: int, dtype: torch.dtype, memo: Optional[dict] = None,
+                 key: Optional[tuple[int, ...]] = None):
     """A KV cache holding `prefix` ([1, P]) for B rows (differentiable; training packs the prefix instead:
     graphs.packed_prefix_hidden, tested equal to this).
     Labeling passes `memo`: the prefix's keys/values are computed once per distinct prefix and kept for the next
     batches (the same instruction prefix heads every batch of a job; at batch 1 its forward is all kernel
-    launches and no work). `dtype`: of an additive mask (eager attention)."""
-    key = tuple(prefix[0].tolist()) if memo is not None else None
+    launches and no work), looked up by `key`, the prefix's ids on the host (else read from the device: a sync).
+    `dtype`: of an additive mask (eager attention)."""
+    if memo is not None and key is None:
+        key = tuple(prefix[0].tolist())
     kv = memo.get(key) if memo is not None else None
     if kv is None:
         # An explicit causal 4D mask: HF's own mask code would look at the (all-ones) padding mask on the host,
@@ -148,7 +151,8 @@ def prefix_cache(decoder, prefix: torch.Tensor, B: int, dtype: torch.dtype, memo
 
 
 def score_labels(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, label_ids: torch.Tensor,
-                 label_mask: torch.Tensor, min_prefix: int = 8, prefix_memo: Optional[dict] = None) -> torch.Tensor:
+                 label_mask: torch.Tensor, min_prefix: int = 8, prefix_memo: Optional[dict] = None,
+                 prefix: Optional[Sequence[int]] = None) -> torch.Tensor:
     """[B, K] summed log-probs of each label sequence (label tokens + EOS) after each (left-padded) prompt.
 
     One decoder pass over [prompt | label tree] (see `_tree_mask`): no KV cache is repeated per label, and the
@@ -157,6 +161,8 @@ def score_labels(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, lab
     least this many tokens and B > 1; 0 turns prefix reuse off.
     prefix_memo: a dict that keeps prefix caches between calls. Only while the weights do not change (one
     validation or predict run): the caller empties it.
+    prefix: the prompts' common prefix as the host knows it (data.collate_prompts: `shared_prefix_ids`), so that
+    nothing is read back from the GPU; None finds it on the device (a sync per batch).
     """
     decoder, head, exact = split_head(model)
     impl = getattr(decoder.config, "_attn_implementation", "sdpa")
@@ -167,15 +173,19 @@ def score_labels(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, lab
         return score_labels_reference(model, prompt_ids, prompt_mask, label_ids, label_mask)
     B, T = prompt_ids.shape
     K, L = label_ids.shape
-    P = common_prefix_length(prompt_ids, prompt_mask) if min_prefix > 0 and B > 1 else 0
+    if min_prefix > 0 and B > 1:
+        P = len(prefix) if prefix is not None else common_prefix_length(prompt_ids, prompt_mask)
+    else:
+        P = 0
     P = P if P >= max(min_prefix, 1) else 0
     visible, positions = _tree_mask(prompt_mask, label_mask, P)
     dtype = mask_dtype(head)
     ids = torch.cat([prompt_ids, label_ids[:, :-1].reshape(1, -1).expand(B, -1)], 1)
     if P:  # the prefix's cache (computed once, or remembered) for every row; then everything after it
         n = prompt_mask.sum(-1)
-        prefix = prompt_ids[:1].gather(1, (T - n[:1, None]) + torch.arange(P, device=ids.device)[None])
-        kwargs = {"cache": prefix_cache(decoder, prefix, B, dtype, prefix_memo), "use_cache": True}
+        pre = prompt_ids[:1].gather(1, (T - n[:1, None]) + torch.arange(P, device=ids.device)[None])
+        key = tuple(prefix) if prefix is not None else None
+        kwargs = {"cache": prefix_cache(decoder, pre, B, dtype, prefix_memo, key), "use_cache": True}
     else:
         kwargs = {"use_cache": False}
     hidden = _decoder_call(decoder, input_ids=ids[:, P:], position_ids=positions[:, P:],

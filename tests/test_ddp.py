@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -338,8 +339,10 @@ def test_finish_output_merges_parts_back_into_input_order(tmp_path, world, n_row
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # parts, progress and temp files gone
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_predict_stream_deals_each_row_to_exactly_one_rank(tmp_path, tiny_tokenizer, world):
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 3)])
+def test_predict_stream_deals_each_row_to_exactly_one_rank(tmp_path, tiny_tokenizer, monkeypatch, world, workers):
+    """Rank r reads chunks r, r + world, ...; its DataLoader workers take turns over those (worker w of W the
+    rank's w-th, (w + W)-th, ... chunk): every row exactly once, whole chunks, resumable by chunk."""
     src = tmp_path / "in.txt"
     src.write_text("".join(f"headline number {i} {'up ' * (i % 5)}\n" for i in range(23)))
     fmt = PromptFormatter(tiny_tokenizer, "auto", "auto", None)
@@ -348,7 +351,15 @@ def test_predict_stream_deals_each_row_to_exactly_one_rank(tmp_path, tiny_tokeni
     def rows(rank, start=0):
         s = PredictStream(str(src), fmt, fmt.encode_labels(labels), "Sentiment?", "text", 3, 5, 64, labels,
                           rank=rank, world_size=world, start_chunk=start)
-        return [(b["chunk"], index) for b in s for index, _, _ in b["rows"]]
+        out = []
+        for w in range(workers):  # what each worker process of the rank's DataLoader yields
+            monkeypatch.setattr(torch.utils.data, "get_worker_info",
+                                lambda w=w: None if workers == 1 else types.SimpleNamespace(id=w, num_workers=workers))
+            got = [(b["chunk"], index) for b in s for index, _, _ in b["rows"]]
+            assert all((c // world) % workers == w for (c, _), _ in got)
+            out += got
+        monkeypatch.undo()
+        return sorted(out, key=lambda x: (x[0][0], x[1]))
 
     got = {r: rows(r) for r in range(world)}
     indices = [i for r in got for _, i in got[r]]

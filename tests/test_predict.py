@@ -2,13 +2,14 @@
 
 import csv
 import json
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from finllm_pl.__main__ import cli_main, main
-from finllm_pl.predict import parse_generated, prediction_report
+from finllm_pl.predict import PredictionWriter, parse_generated, part_path, prediction_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample.jsonl"
@@ -253,10 +254,62 @@ def test_token_budget_batches_label_like_row_batches(tmp_path, trained):
                       "150", ckpt=adapter)
     assert [r["id"] for r in budget] == [r["id"] for r in rows] and [r["label"] for r in budget] == [r["label"] for r in rows]
     assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(rows, budget) for k in a["probs"]) < 1e-5
-    # the stream read and tokenized in a worker process: the same rows, once each, in input order
+    # the stream read and tokenized by worker processes taking turns by chunk: the same rows, once each, in
+    # input order (chunks of 2 rows, 3 workers: chunks finish out of order, the writer puts them back in order)
     worker = _predict(inp, tmp_path / "worker.jsonl", "--data.eval_batch_size", "8", "--data.eval_batch_tokens",
                       "150", "--data.num_workers", "2", ckpt=adapter)
     assert worker == budget
+    workers = _predict(inp, tmp_path / "workers.jsonl", "--data.eval_batch_size", "1", "--data.predict_chunk_rows",
+                       "2", "--data.num_workers", "3", ckpt=adapter)
+    assert [r["id"] for r in workers] == [r["id"] for r in rows] and [r["label"] for r in workers] == [r["label"] for r in rows]
+
+
+def test_compiled_layers_label_like_the_plain_modules(tmp_path, trained):
+    """model.compile_layers puts the compiled norms and MLPs (dynamic shapes: every batch has its own) in place
+    for label scoring too: the same labels and probabilities, and compiled code did run."""
+    from torch._dynamo.utils import counters
+
+    _, adapter, _ = trained
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
+    plain = _predict(inp, tmp_path / "plain.jsonl", ckpt=adapter)
+    before = counters["stats"]["unique_graphs"]
+    compiled = _predict(inp, tmp_path / "compiled.jsonl", "--model.cuda_graphs", "true", "--model.compile_layers",
+                        "true", ckpt=adapter)
+    assert counters["stats"]["unique_graphs"] > before
+    assert [r["label"] for r in compiled] == [r["label"] for r in plain]
+    assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(plain, compiled) for k in a["probs"]) < 1e-5
+
+
+def test_writer_keeps_input_order_when_chunks_finish_out_of_order(tmp_path, capsys):
+    """Workers finish chunks in any order; the part file and its recorded progress only ever hold a prefix of the
+    rank's chunks, in input order (a resume continues from the recorded chunk count)."""
+    labels = ["negative", "neutral", "positive"]
+    out = tmp_path / "out.jsonl"
+    expect = {"version": 1, "input": "x", "labels": labels, "world": 1, "chunk_rows": 2, "prompt": "p"}
+    writer = PredictionWriter(str(out), labels, expect)
+    trainer = types.SimpleNamespace(global_rank=0, world_size=1, strategy=types.SimpleNamespace(barrier=lambda: None))
+    writer.on_predict_start(trainer, None)
+    part, progress = part_path(str(out), 0), Path(f"{part_path(str(out), 0)}.json")
+
+    def batch(chunk, size, indices):  # (each batch is written when the next one arrives: one in flight)
+        scores = torch.tensor([[0.0, float(i), 1.0] for i in indices])
+        writer.write_on_batch_end(trainer, None, {"rows": [(i, f"r{i}", None) for i in indices], "scores": scores},
+                                  None, {"chunk": (chunk, size)}, 0)
+
+    batch(1, 2, [2, 3])  # chunk 1 whole (another worker), before chunk 0
+    batch(0, 2, [1])
+    batch(0, 2, [0])     # chunk 1's rows are in, chunk 0 not yet: nothing may be written
+    assert part.read_bytes() == b"" and not progress.exists()
+    batch(2, 1, [4])     # chunk 0 completes: chunks 0 and 1 go out, in order
+    assert [json.loads(line)["id"] for line in part.read_text().splitlines()] == ["r0", "r1", "r2", "r3"]
+    assert json.loads(progress.read_text())["chunks"] == 2
+    writer.on_predict_end(trainer, None)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["r0", "r1", "r2", "r3", "r4"]
+    # argmax of [0, i, 1]; row 1's tie goes to the first, as torch.argmax's
+    assert [r["label"] for r in rows] == ["positive", "neutral", "neutral", "neutral", "neutral"]
+    assert rows[2]["probs"] == {k: round(float(v), 6) for k, v in zip(labels, torch.softmax(torch.tensor([0.0, 2, 1]), -1))}
 
 
 def test_merge_for_labeling_labels_like_the_adapter(tmp_path, trained, monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from finllm_pl import model as hf
-from finllm_pl.data import collate_prompts, collate_train
+from finllm_pl.data import collate_prompts, collate_train, shared_prefix_ids
 from finllm_pl.prompts import DEFAULT_INSTRUCTION, PromptFormatter
 from finllm_pl.scoring import common_prefix_length, loss_sum, score_labels, score_labels_reference
 
@@ -173,6 +173,44 @@ def test_common_prefix_length_on_left_padded_rows():
     assert common_prefix_length(ids, mask) == 3
     assert common_prefix_length(ids[:1], mask[:1]) == 3  # one row: all but its last token
     assert common_prefix_length(ids[[0, 2]], mask[[0, 2]]) == 3  # [5,6,7,8] vs [5,6,7,8,1]: capped at 4 - 1
+    # the host's answer (collate_prompts), for the same rows
+    rows = [[5, 6, 7, 8], [5, 6, 7, 9, 9, 9], [5, 6, 7, 8, 1]]
+    assert shared_prefix_ids(rows) == (5, 6, 7)
+    assert shared_prefix_ids(rows[:1]) == (5, 6, 7)
+    assert shared_prefix_ids([rows[0], rows[2]]) == (5, 6, 7)
+    assert shared_prefix_ids([[5, 6, 7, 8], [5, 6, 7, 8]]) == (5, 6, 7)
+    assert shared_prefix_ids([[4, 6, 7], [5, 6, 7]]) == ()
+
+
+def test_host_prefix_scores_like_the_device_prefix_without_reading_the_device(tiny_dir, tiny_tokenizer,
+                                                                              monkeypatch):
+    """collate_prompts' shared_prefix (found on the host) gives the scores the device search gives, and scoring
+    with it and a memo reads nothing back from the device (no .tolist() / int() of a tensor: GPU syncs)."""
+    model = _lora_model(tiny_dir, "nf4")
+    f = PromptFormatter(tiny_tokenizer)
+    label_ids = f.encode_labels(["negative", "neutral", "positive"])
+    prompts = [f.encode_prompt(DEFAULT_INSTRUCTION, t) for t in TEXTS]
+    b = collate_prompts(prompts, tiny_tokenizer.pad_token_id, label_ids)
+    assert len(b["shared_prefix"]) == _shared_prefix(prompts) == common_prefix_length(b["prompt_ids"], b["prompt_mask"])
+    assert list(b["shared_prefix"]) == prompts[0][:len(b["shared_prefix"])]
+    args = (b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"])
+    memo = {}
+    with torch.no_grad():
+        device = score_labels(model, *args)
+        host = score_labels(model, *args, prefix_memo=memo, prefix=list(b["shared_prefix"]))  # (pinning makes lists)
+        assert list(memo) == [b["shared_prefix"]]
+        reads = []
+        for name in ("tolist", "item", "__int__", "__bool__"):
+            orig = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name: (reads.append(_n), _o(self, *a))[1])
+        score_labels(model, *args, prefix_memo={})
+        assert reads  # the device search reads back (so the check below can fail)
+        reads.clear()
+        again = score_labels(model, *args, prefix_memo=memo, prefix=b["shared_prefix"])
+        monkeypatch.undo()
+        assert reads == []
+    torch.testing.assert_close(host, device, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, device, atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_head_loss_equals_full_vocabulary_loss(tiny_dir, tiny_tokenizer):
