@@ -143,15 +143,22 @@ def compiled_forwards(decoder) -> dict[torch.nn.Module, Any]:
 
 
 @contextmanager
-def swapped_forwards(forwards: dict[torch.nn.Module, Any]):
-    """The modules' forwards replaced by the given ones (compiled_forwards) for a while, then their class's own."""
+def fast_modules(model, forwards: dict[torch.nn.Module, Any], uncast_lora_input: bool):
+    """For a while: the modules' forwards replaced by the given ones (compiled_forwards), and (uncast_lora_input,
+    under low-precision autocast) LoRA layers that take their input as it is. peft casts it to the adapter's fp32
+    first, then autocast casts (the dropped-out copy) back for the matmul: the same numbers (dropout scales in fp32
+    and rounds once either way, forward and backward; in eval it is the identity) at two extra copies and an fp32
+    dropout per LoRA layer per pass. Used by the training step and by label scoring."""
+    from peft.helpers import disable_input_dtype_casting
+
     for m, forward in forwards.items():
         m.forward = forward
     try:
-        yield
+        with disable_input_dtype_casting(model, active=uncast_lora_input):
+            yield
     finally:
         for m in forwards:
-            del m.forward
+            del m.forward  # back to the class's own
 
 
 class GraphedLossBackward:
@@ -178,18 +185,6 @@ class GraphedLossBackward:
         self.pool = None
         self.grads: list[torch.Tensor] | None = None  # gradient buffers the optimizer reads (p.grad)
 
-    @contextmanager
-    def _step_modules(self):
-        """While the step runs: the compiled forwards, and LoRA layers that take their bf16 input as it is. peft
-        casts it to the adapter's fp32 first, then autocast casts the dropped-out copy back to bf16 for the
-        matmul: the same numbers (dropout scales in fp32 and rounds once either way, forward and backward) at
-        two extra copies and an fp32 dropout per LoRA layer per pass."""
-        from peft.helpers import disable_input_dtype_casting
-
-        with swapped_forwards(self.compiled), disable_input_dtype_casting(self.model,
-                                                                          active=self.dtype != torch.float32):
-            yield
-
     def _decoder(self):
         """How the step calls the decoder: as it is, or (cast_adapter_once) with every LoRA weight replaced by its
         compute-dtype copy, made by one cast of them all (their gradients flow back through it to the fp32
@@ -202,7 +197,7 @@ class GraphedLossBackward:
 
     def _loss_and_grads(self, st: dict[str, torch.Tensor]):
         dev = st["g_ids"].device.type
-        with self._step_modules(), torch.autocast(dev, dtype=self.dtype, enabled=self.dtype != torch.float32,
+        with fast_modules(self.model, self.compiled, self.dtype != torch.float32), torch.autocast(dev, dtype=self.dtype, enabled=self.dtype != torch.float32,
                                                       cache_enabled=False):
             mdt, call = mask_dtype(self.head), self._decoder()
             if "g_pre" in st:  # the rows' shared prefix once, packed in front of them: one pass

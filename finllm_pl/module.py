@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
 from typing import Any, Literal, Optional
 
 import lightning as L
@@ -30,7 +29,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from . import model as hf
 from .callbacks import check_adapter_matches
 from .errors import ConfigError, FinLLMError, ModelError
-from .graphs import GraphedLossBackward, compiled_forwards, row_chunks, swapped_forwards
+from .graphs import GraphedLossBackward, compiled_forwards, fast_modules, row_chunks
 from .metrics import label_metrics, summarize
 from .prompts import DEFAULT_LABELS
 from .schedule import WarmupOverflow, resolve_schedule
@@ -387,24 +386,25 @@ class FinLLM(L.LightningModule):
         self._merge_for_labeling()
         self._prefix_memo = {}
 
-    def _compiled_layers(self):
-        """model.compile_layers: the training step's compiled norms and MLPs (dynamic shapes) in place for
-        validation and label scoring too; a context."""
-        if not self.hparams.compile_layers:
-            return nullcontext()
-        if self._label_forwards is None:  # the training step's own when there is one: no second compile
+    def _labeling_modules(self):
+        """A context for validation and label scoring: LoRA layers take their input uncast under bf16/fp16
+        autocast (bit-identical, fewer copies), and with model.compile_layers the training step's compiled norms
+        and MLPs (dynamic shapes) are in place."""
+        if self.hparams.compile_layers and self._label_forwards is None:  # the training step's own if any
             self._label_forwards = (self._graphed.compiled if self._graphed is not None
                                     else compiled_forwards(hf.split_head(self.model)[0]))
-        return swapped_forwards(self._label_forwards)
+        autocast = torch.is_autocast_enabled(self.device.type)
+        low = autocast and torch.get_autocast_dtype(self.device.type) != torch.float32
+        return fast_modules(self.model, self._label_forwards or {}, uncast_lora_input=low)
 
     def _score(self, batch: dict[str, Any]) -> torch.Tensor:
-        with self._compiled_layers():
+        with self._labeling_modules():
             return score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
                                 batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0,
                                 prefix_memo=self._prefix_memo, prefix=batch["shared_prefix"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        with self._compiled_layers():
+        with self._labeling_modules():
             loss, n = loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         self._val += torch.stack([loss.detach().double(), n.double()])
         scores = self._score(batch)

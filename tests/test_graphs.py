@@ -1,6 +1,6 @@
 """The static training step's pieces on tiny models built from configs: the packed shared-prefix pass against
 the prefix-KV-cache pass it replaces, and (bf16) the LoRA weights cast once per step with the LoRA input left
-uncast against peft's and autocast's casting at every layer."""
+uncast against peft's and autocast's casting at every layer; label scoring's uncast LoRA input likewise."""
 
 import types
 
@@ -131,6 +131,42 @@ def test_bf16_step_casts_lora_weights_once_and_feeds_lora_its_bf16_input_with_th
     assert n == ref_n and torch.equal(loss, ref_loss)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=0, rtol=0)
+
+
+def test_label_scoring_feeds_lora_its_bf16_input_under_autocast_with_the_same_scores():
+    """FinLLM's labeling context under bf16 autocast: the LoRA layers get their bf16 input as it is (no cast to
+    the adapter's fp32 and back), scores bit-identical to peft's casting, fewer copies; without autocast (fp32
+    input and adapter) nothing changes."""
+    from finllm_pl.data import collate_prompts
+    from finllm_pl.module import FinLLM
+    from finllm_pl.scoring import score_labels
+
+    model = _tiny_lora("qwen2", dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(2)
+    head = torch.randint(1, 97, (10,), generator=g).tolist()
+    prompts = [head + torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 8, 5)]
+    b = collate_prompts(prompts, 0, [[5, 1], [6, 1], [7, 8, 1]])
+    args = (model, b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"])
+    owner = types.SimpleNamespace(hparams=types.SimpleNamespace(compile_layers=False), _label_forwards=None,
+                                  _graphed=None, model=model, device=torch.device("cpu"))
+    lora_a = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.append(a[0].dtype)) for m in lora_a]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with _Copies() as ref_copies:
+            ref = score_labels(*args, prefix=b["shared_prefix"])
+        assert set(inputs) == {torch.float32}  # peft's default: the input cast to the adapter's dtype
+        inputs.clear()
+        with FinLLM._labeling_modules(owner), _Copies() as copies:
+            got = score_labels(*args, prefix=b["shared_prefix"])
+        assert set(inputs) == {torch.bfloat16} and len(inputs) == 2 * 4 * 2  # prefix pass + rows pass
+    assert torch.equal(got, ref)
+    assert copies.n < ref_copies.n - 16, (copies.n, ref_copies.n)
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    with FinLLM._labeling_modules(owner):  # no autocast: peft's casting stays on
+        assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    for h in hooks:
+        h.remove()
 
 
 class _Copies(TorchDispatchMode):
