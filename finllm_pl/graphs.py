@@ -137,9 +137,18 @@ def compiled_forwards(decoder) -> dict[torch.nn.Module, Any]:
             norm = "RMSNorm" in type(m).__name__ or isinstance(m, torch.nn.LayerNorm)
             if norm or m is getattr(layer, "mlp", None):
                 if type(m) not in by_class:
-                    by_class[type(m)] = torch.compile(type(m).forward, dynamic=True)
+                    by_class[type(m)] = _per_token(torch.compile(type(m).forward, dynamic=True))
                 out[m] = types.MethodType(by_class[type(m)], m)
     return out
+
+
+def _per_token(compiled):
+    """A norm's or MLP's forward called on [tokens, hidden] (they work token by token): every input shape, a
+    batch-1 prefix pass's [1, P, H] as well as the rows' [B, T, H], meets one graph. Dynamic shapes still
+    specialise a size of 1, so [1, P, H] and [B, T, H] would compile twice."""
+    def forward(self, x):
+        return compiled(self, x.reshape(-1, x.shape[-1])).view(x.shape)
+    return forward
 
 
 @contextmanager
