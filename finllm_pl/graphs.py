@@ -179,7 +179,7 @@ class GraphedLossBackward:
         self.max_tokens = max_tokens  # model.chunk_tokens: longer micro-batches run as row chunks
         self.decoder, self.head, _ = split_head(model)
         # model.compile_layers: compiled forwards, put in place only while this step runs (or is captured);
-        # label scoring puts them in place for itself (FinLLM._labeling)
+        # validate / predict runs compile their own (FinLLM._labeling_modules)
         self.compiled = compiled_forwards(self.decoder) if compile_layers else {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = compute_dtype
@@ -206,8 +206,9 @@ class GraphedLossBackward:
 
     def _loss_and_grads(self, st: dict[str, torch.Tensor]):
         dev = st["g_ids"].device.type
-        with fast_modules(self.model, self.compiled, self.dtype != torch.float32), torch.autocast(dev, dtype=self.dtype, enabled=self.dtype != torch.float32,
-                                                      cache_enabled=False):
+        low = self.dtype != torch.float32
+        with fast_modules(self.model, self.compiled, uncast_lora_input=low), \
+                torch.autocast(dev, dtype=self.dtype, enabled=low, cache_enabled=False):
             mdt, call = mask_dtype(self.head), self._decoder()
             if "g_pre" in st:  # the rows' shared prefix once, packed in front of them: one pass
                 hidden = packed_prefix_hidden(self.decoder, st, mdt, call)

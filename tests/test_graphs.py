@@ -165,6 +165,11 @@ def test_label_scoring_feeds_lora_its_bf16_input_under_autocast_with_the_same_sc
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
     with FinLLM._labeling_modules(owner):  # no autocast: peft's casting stays on
         assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # (a CPU model: attention backends left alone)
+    owner.device = torch.device("cuda")  # on CUDA, labeling attention skips cuDNN (a plan per batch shape)
+    with FinLLM._labeling_modules(owner):
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
     for h in hooks:
         h.remove()
 

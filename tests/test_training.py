@@ -318,4 +318,5 @@ def test_compiled_layers_train_like_the_plain_static_step(workdir):
     assert kinds == {"Qwen2RMSNorm", "Qwen2MLP"}, kinds
     assert len(compiled) == 2 * 3  # each of the 2 layers' two norms and MLP (the final norm runs plain)
     assert not any("forward" in vars(m) for m in compiled)  # the plain forwards are back
+    assert cli.model._label_forwards is None  # fit's validation labels with the plain modules (no second compile)
     _assert_trains_alike(ref_losses, ref, comp_losses, cli)
