@@ -91,18 +91,22 @@ def test_cuda_graphs_fit_follows_the_eager_fit(workdir, tiny_dir):
 
 
 def test_gpu_labels_match_cpu_labels(workdir):
-    """predict on the GPU (scores copied back without waiting, written one batch behind, pinned batches) writes
-    every row, in input order, with the CPU run's labels and probabilities (fp32 on both)."""
+    """predict on the GPU (scores copied back without waiting, written one batch behind, pinned batches; and with
+    the fast config's labeling: 3 workers taking turns by chunk, compiled norms/MLPs, attention off cuDNN)
+    writes every row, in input order, with the CPU run's labels and probabilities (fp32 on both)."""
     args = ["predict", "--config", "configs/smoke.yaml", "--data.predict_path", "data/sample.jsonl",
             "--data.eval_batch_size", "8", "--data.predict_chunk_rows", "20", "--data.num_workers", "1",
             "--trainer.precision", "32-true", "--model.compute_dtype", "float32", "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false"]
+    fast = ["--data.num_workers", "3", "--model.cuda_graphs", "true", "--model.compile_layers", "true",
+            "--data.eval_batch_tokens", "600"]
     rows = {}
-    for acc in ("cpu", "gpu"):
-        cli_main([*args, "--trainer.accelerator", acc, "--data.predict_output", f"{acc}.jsonl"])
-        rows[acc] = [json.loads(line) for line in Path(f"{acc}.jsonl").read_text().splitlines()]
+    for name, acc, extra in (("cpu", "cpu", []), ("gpu", "gpu", []), ("gpu_fast", "gpu", fast)):
+        cli_main([*args, "--trainer.accelerator", acc, "--data.predict_output", f"{name}.jsonl", *extra])
+        rows[name] = [json.loads(line) for line in Path(f"{name}.jsonl").read_text().splitlines()]
     n_in = sum(1 for line in Path("data/sample.jsonl").read_text().splitlines() if line.strip())
-    assert len(rows["gpu"]) == len(rows["cpu"]) == n_in
-    for a, b in zip(rows["cpu"], rows["gpu"]):
-        assert a["id"] == b["id"] and a["label"] == b["label"], (a, b)
-        assert all(abs(a["probs"][k] - b["probs"][k]) < 1e-4 for k in a["probs"]), (a, b)
+    for name in ("gpu", "gpu_fast"):
+        assert len(rows[name]) == len(rows["cpu"]) == n_in
+        for a, b in zip(rows["cpu"], rows[name]):
+            assert a["id"] == b["id"] and a["label"] == b["label"], (name, a, b)
+            assert all(abs(a["probs"][k] - b["probs"][k]) < 1e-4 for k in a["probs"]), (name, a, b)
