@@ -425,11 +425,11 @@ def _write_input(path: Path, n: int) -> None:
                 for i in range(start, min(n, start + 100_000))))
 
 
-def _predict_args(chunk_rows: int) -> list[str]:
+def _predict_args(chunk_rows: int, workers: int = 0) -> list[str]:
     # A short instruction: the job is about surviving kills, and short prompts label ~2x faster on a CPU.
     return ["predict", "--config", "configs/smoke.yaml", "--data.predict_path", "in.jsonl", "--data.predict_output",
             "out/labels.jsonl", "--data.eval_batch_size", "256", "--data.predict_chunk_rows", str(chunk_rows),
-            "--data.instruction", "Sentiment?", *QUIET]
+            "--data.instruction", "Sentiment?", "--data.num_workers", str(workers), *QUIET]
 
 
 def _progress(ws: Path) -> Optional[dict]:
@@ -459,10 +459,10 @@ def _check_output(path: Path, n: int) -> dict:
             "rows_out_of_order": out_of_order, "malformed_rows": bad}
 
 
-def _label_under_kills(ws: Path, n: int, kills: int, chunk_rows: int, seed: int) -> dict:
+def _label_under_kills(ws: Path, n: int, kills: int, chunk_rows: int, seed: int, workers: int = 0) -> dict:
     _write_input(ws / "in.jsonl", n)
     (ws / "out").mkdir()
-    args = _predict_args(chunk_rows)
+    args = _predict_args(chunk_rows, workers)
     rng = random.Random(seed)
     # kill k arms when the job has recorded targets[k] rows, then lands after a random delay (mid-chunk, mid-write,
     # anywhere); targets leave the last chunks alone so that each kill lands before the job completes
@@ -517,10 +517,12 @@ def _assert_complete(figures: dict) -> None:
     assert figures["malformed_rows"] == 0
 
 
-def test_labeling_survives_two_kills(tmp_path, tiny_dir):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_labeling_survives_two_kills(tmp_path, tiny_dir, workers):
+    """Also with DataLoader workers taking turns by chunk (chunks finish out of order; the output may not)."""
     ws = _workspace(tmp_path / "job")
-    figures = _label_under_kills(ws, 20_000, kills=2, chunk_rows=2048, seed=3)
-    _report("predict_kills_fast", figures)
+    figures = _label_under_kills(ws, 20_000, kills=2, chunk_rows=2048, seed=3, workers=workers)
+    _report(f"predict_kills_fast_w{workers}", figures)
     _assert_complete(figures)
     assert max(figures["peak_rss_mb_per_run"]) < 2048
 
