@@ -102,6 +102,7 @@ class PredictStream(IterableDataset):
         self.batch_size, self.chunk_rows, self.max_length = batch_size, chunk_rows, max_length
         self.rank, self.world_size, self.start_chunk = rank, world_size, start_chunk
         self.max_tokens = max_tokens
+        self.created = time.perf_counter()  # the job's clock: PredictionWriter reports the wait for the first batch
         self.longest_label = max(labels, key=lambda s: len(formatter.encode_answer(s)))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -147,6 +148,7 @@ class PredictionWriter(BasePredictionWriter):
         self.report: Optional[dict[str, Any]] = None  # counts and metrics of the finished output (rank 0)
         self.done_before = False  # an earlier run of this job completed the output (see finished_earlier)
         self.speed: Optional[dict[str, float]] = None  # rows this process labeled in this run, and in how long
+        self.first_batch_s: Optional[float] = None  # from the stream's creation to the first batch, read and tokenized
         self.in_flight = None  # the last batch's (prediction, chunk): written when the next one is under way
 
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -159,6 +161,11 @@ class PredictionWriter(BasePredictionWriter):
             raise DataError(f"{self.output}: is a folder; set data.predict_output to a file path")
         self.rank, self.world = trainer.global_rank, trainer.world_size
         self.t0, self.labeled, self.in_flight = time.perf_counter(), 0, None
+        # Lightning fetches the first batch of a stream before this hook: the wait for it (reading and tokenizing
+        # the first chunks, the GPU idle) is measured from the stream's creation and reported apart.
+        stream = getattr(trainer.predict_dataloaders, "dataset", None)
+        created = getattr(stream, "created", None)
+        self.first_batch_s = self.t0 - created if created is not None else None
         self.done_before = finished_earlier(self.output, self.world, self.expect)  # the data yields nothing then
         if self.done_before:
             return
@@ -228,7 +235,8 @@ class PredictionWriter(BasePredictionWriter):
         if self.pending:
             raise RuntimeError(f"prediction ended with unfinished chunks {sorted(self.pending)}")
         seconds = time.perf_counter() - self.t0
-        self.speed = {"rows": self.labeled, "seconds": seconds, "rows_s": self.labeled / max(seconds, 1e-9)}
+        self.speed = {"rows": self.labeled, "seconds": seconds, "rows_s": self.labeled / max(seconds, 1e-9),
+                      "first_batch_s": self.first_batch_s}
         trainer.strategy.barrier()
         if self.rank == 0:
             if self.done_before:
@@ -339,7 +347,10 @@ def _announce(output: str, report: dict[str, Any], speed: Optional[dict[str, flo
 
     line = f"labeled {report['rows']} rows -> {output}"
     if speed and speed["rows"]:
-        line += f" ({speed['rows']} by this process in {speed['seconds']:.1f} s, {speed['rows_s']:,.0f} rows/s)"
+        line += f" ({speed['rows']} by this process in {speed['seconds']:.1f} s, {speed['rows_s']:,.0f} rows/s"
+        if speed.get("first_batch_s") is not None:
+            line += f", after {speed['first_batch_s']:.1f} s reading and tokenizing the first batch"
+        line += ")"
     if report["unparsed"]:
         line += f"; {report['unparsed']} generated answers named no single label (label null)"
     if "accuracy" in report:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import time
 import types
 from pathlib import Path
 
@@ -288,7 +289,9 @@ def test_writer_keeps_input_order_when_chunks_finish_out_of_order(tmp_path, caps
     out = tmp_path / "out.jsonl"
     expect = {"version": 1, "input": "x", "labels": labels, "world": 1, "chunk_rows": 2, "prompt": "p"}
     writer = PredictionWriter(str(out), labels, expect)
-    trainer = types.SimpleNamespace(global_rank=0, world_size=1, strategy=types.SimpleNamespace(barrier=lambda: None))
+    stream = types.SimpleNamespace(created=time.perf_counter() - 5.0)  # a stream whose first batch took 5 s
+    trainer = types.SimpleNamespace(global_rank=0, world_size=1, strategy=types.SimpleNamespace(barrier=lambda: None),
+                                    predict_dataloaders=types.SimpleNamespace(dataset=stream))
     writer.on_predict_start(trainer, None)
     part, progress = part_path(str(out), 0), Path(f"{part_path(str(out), 0)}.json")
 
@@ -305,6 +308,8 @@ def test_writer_keeps_input_order_when_chunks_finish_out_of_order(tmp_path, caps
     assert [json.loads(line)["id"] for line in part.read_text().splitlines()] == ["r0", "r1", "r2", "r3"]
     assert json.loads(progress.read_text())["chunks"] == 2
     writer.on_predict_end(trainer, None)
+    assert 5.0 <= writer.speed["first_batch_s"] < 60
+    assert "after 5." in capsys.readouterr().err  # the wait before labeling is reported, apart from the rate
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["r0", "r1", "r2", "r3", "r4"]
     # argmax of [0, i, 1]; row 1's tie goes to the first, as torch.argmax's
