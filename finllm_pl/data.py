@@ -341,7 +341,7 @@ def collate_prompts(prompts: list[list[int]], pad_id: int, label_ids: list[list[
         "prompt_mask": _pad([[1] * len(p) for p in prompts], 0, left=True),
         "label_ids": _pad(label_ids, pad_id),
         "label_mask": _pad([[1] * len(s) for s in label_ids], 0),
-        "shared_prefix": shared_prefix_ids(prompts),
+        "prefix_ids": shared_prefix_ids(prompts),
     }
 
 

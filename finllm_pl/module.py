@@ -417,7 +417,7 @@ class FinLLM(L.LightningModule):
         with self._labeling_modules():
             return score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
                                 batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0,
-                                prefix_memo=self._prefix_memo, prefix=batch["shared_prefix"])
+                                prefix_memo=self._prefix_memo, prefix=batch["prefix_ids"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         with self._labeling_modules():

@@ -3,8 +3,8 @@
 Reading: the input is read `chunk_rows` rows at a time (bounded memory for any file size); within a chunk rows
 are sorted by length so batches carry little padding. Under DDP, chunk c goes to rank c % world_size: no row is
 labeled twice and no sampler padding adds duplicates. Within a rank, DataLoader workers take turns by chunk
-(worker w of W reads and tokenizes the rank's chunks w, w + W, ...): tokenizing is the CPU's share of labeling,
-and one process alone keeps an H100 waiting.
+(worker w of W reads every row but tokenizes only the rank's chunks w, w + W, ...): tokenizing is the CPU's share
+of labeling, and one process alone keeps an H100 waiting.
 
 Writing: each rank appends finished chunks, in input order (a chunk that finishes early waits for the ones
 before it), to its part file and records its progress

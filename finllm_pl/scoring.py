@@ -161,7 +161,7 @@ def score_labels(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, lab
     least this many tokens and B > 1; 0 turns prefix reuse off.
     prefix_memo: a dict that keeps prefix caches between calls. Only while the weights do not change (one
     validation or predict run): the caller empties it.
-    prefix: the prompts' common prefix as the host knows it (data.collate_prompts: `shared_prefix_ids`), so that
+    prefix: the prompts' common prefix as the host knows it (data.collate_prompts: `prefix_ids`), so that
     nothing is read back from the GPU; None finds it on the device (a sync per batch).
     """
     decoder, head, exact = split_head(model)

@@ -154,11 +154,11 @@ def test_label_scoring_feeds_lora_its_bf16_input_under_autocast_with_the_same_sc
     hooks = [m.register_forward_pre_hook(lambda m, a: inputs.append(a[0].dtype)) for m in lora_a]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         with _Copies() as ref_copies:
-            ref = score_labels(*args, prefix=b["shared_prefix"])
+            ref = score_labels(*args, prefix=b["prefix_ids"])
         assert set(inputs) == {torch.float32}  # peft's default: the input cast to the adapter's dtype
         inputs.clear()
         with FinLLM._labeling_modules(owner), _Copies() as copies:
-            got = score_labels(*args, prefix=b["shared_prefix"])
+            got = score_labels(*args, prefix=b["prefix_ids"])
         assert set(inputs) == {torch.bfloat16} and len(inputs) == 2 * 4 * 2  # prefix pass + rows pass
     assert torch.equal(got, ref)
     assert copies.n < ref_copies.n - 16, (copies.n, ref_copies.n)

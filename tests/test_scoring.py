@@ -191,14 +191,14 @@ def test_host_prefix_scores_like_the_device_prefix_without_reading_the_device(ti
     label_ids = f.encode_labels(["negative", "neutral", "positive"])
     prompts = [f.encode_prompt(DEFAULT_INSTRUCTION, t) for t in TEXTS]
     b = collate_prompts(prompts, tiny_tokenizer.pad_token_id, label_ids)
-    assert len(b["shared_prefix"]) == _shared_prefix(prompts) == common_prefix_length(b["prompt_ids"], b["prompt_mask"])
-    assert list(b["shared_prefix"]) == prompts[0][:len(b["shared_prefix"])]
+    assert len(b["prefix_ids"]) == _shared_prefix(prompts) == common_prefix_length(b["prompt_ids"], b["prompt_mask"])
+    assert list(b["prefix_ids"]) == prompts[0][:len(b["prefix_ids"])]
     args = (b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"])
     memo = {}
     with torch.no_grad():
         device = score_labels(model, *args)
-        host = score_labels(model, *args, prefix_memo=memo, prefix=list(b["shared_prefix"]))  # (pinning makes lists)
-        assert list(memo) == [b["shared_prefix"]]
+        host = score_labels(model, *args, prefix_memo=memo, prefix=list(b["prefix_ids"]))  # (pinning makes lists)
+        assert list(memo) == [b["prefix_ids"]]
         reads = []
         for name in ("tolist", "item", "__int__", "__bool__"):
             orig = getattr(torch.Tensor, name)
@@ -206,7 +206,7 @@ def test_host_prefix_scores_like_the_device_prefix_without_reading_the_device(ti
         score_labels(model, *args, prefix_memo={})
         assert reads  # the device search reads back (so the check below can fail)
         reads.clear()
-        again = score_labels(model, *args, prefix_memo=memo, prefix=b["shared_prefix"])
+        again = score_labels(model, *args, prefix_memo=memo, prefix=b["prefix_ids"])
         monkeypatch.undo()
         assert reads == []
     torch.testing.assert_close(host, device, atol=1e-5, rtol=1e-5)
