@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -62,6 +62,15 @@ class FinLLMCLI(LightningCLI):
             "checkpoint.save_top_k": -1,
         })
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self._command_line = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
+    def _explicit_model_settings(self, sub: str) -> dict[str, Any]:
+        """The model settings given on the command line (`--model.x v` or `--model.x=v`), as parsed."""
+        keys = {a.split("=", 1)[0][len("--model."):] for a in self._command_line if a.startswith("--model.")}
+        return {k: self.config[sub].model[k] for k in keys if k in self.config[sub].model}
+
     def _parse_ckpt_path(self) -> None:
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
@@ -78,11 +87,17 @@ class FinLLMCLI(LightningCLI):
                                  "(config.json); give a .ckpt, the adapter folder fit exported or an exported model")
             self.config[f"{sub}.ckpt_path"] = None
             return
+        loaded = None
         if ckpt and ckpt not in SPECIAL_CKPT:
             loaded = load_checkpoint_file(ckpt)  # a clear error for a missing or corrupted file, before anything loads
             if sub == "fit":  # LightningCLI would silently replace this run's model settings by the checkpoint's
                 check_adapter_matches(ckpt, loaded, self.config[sub].model)
-        super()._parse_ckpt_path()
+        explicit = self._explicit_model_settings(sub) if sub in ("validate", "predict") and loaded else {}
+        super()._parse_ckpt_path()  # (a .ckpt's saved model settings replace the config's)
+        if explicit:  # ... but what this command line says explicitly wins (e.g. --model.merge_for_labeling true)
+            for k, v in explicit.items():
+                self.config[sub].model[k] = v
+            check_adapter_matches(ckpt, loaded, self.config[sub].model)
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")

@@ -179,7 +179,7 @@ class GraphedLossBackward:
         self.max_tokens = max_tokens  # model.chunk_tokens: longer micro-batches run as row chunks
         self.decoder, self.head, _ = split_head(model)
         # model.compile_layers: compiled forwards, put in place only while this step runs (or is captured);
-        # validate / predict runs compile their own (FinLLM._labeling_modules)
+        # predict runs compile their own (FinLLM._labeling_modules)
         self.compiled = compiled_forwards(self.decoder) if compile_layers else {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = compute_dtype

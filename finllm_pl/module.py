@@ -108,7 +108,7 @@ class FinLLM(L.LightningModule):
                 losses. fit on one GPU, bf16 or fp32, no gradient checkpointing; without CUDA the same fixed-shape
                 step runs eagerly. validate and predict ignore it.
             compile_layers: torch.compile the decoder layers' norms and MLPs inside the CUDA-graph training step
-                and in validate / predict runs (fused kernels; one compiled forward per class serves every
+                and in predict's label scoring (fused kernels; one compiled forward per class serves every
                 layer). Needs cuda_graphs. On an H100: epochs 28.9 / 17.8 -> 25.5 / 14.9 s (first / later; the
                 first compiles); predict 2,306 -> 2,713 rows/s once compiled (each process compiles first: ~10 s
                 on a new machine, ~3-4 s where torch's disk cache has the kernels).
@@ -393,14 +393,15 @@ class FinLLM(L.LightningModule):
     @contextmanager
     def _labeling_modules(self):
         """A context for validation and label scoring: LoRA layers take their input uncast under bf16/fp16
-        autocast (bit-identical, fewer copies); with model.compile_layers, in validate / predict runs, compiled
-        norms and MLPs (dynamic shapes) are in place (not in fit's validation: compiling them for its few
-        hundred rows would cost more than it saves); on CUDA, attention does not use cuDNN's kernel. cuDNN builds an
-        execution plan for each new shape, and every labeling batch has its own (rows x length). On an H100,
-        52,692 rows in 133 batches of <= 32,768 tokens: 2,886 rows/s with cuDNN, 3,077 and 3,242 without (three
-        calls; in 77 batches of <= 65,536 tokens 2,920 vs 2,943 in one call; results/gpu/predict_rows_chunks*.json).
-        SDPA's memory-efficient kernel serves the same masks."""
-        compiled = self.hparams.compile_layers and self.trainer.state.fn != "fit"
+        autocast (bit-identical, fewer copies); with model.compile_layers, in predict runs, compiled norms and
+        MLPs (dynamic shapes) are in place (not in validation: a process compiles for ~4-11 s and saves ~15% of
+        labeling time, which pays from ~55k rows on; validation sets are a few hundred or thousand rows); on
+        CUDA, attention does not use cuDNN's kernel. cuDNN builds an execution plan for each new shape, and
+        every labeling batch has its own (rows x length). On an H100, 52,692 rows in 133 batches of <= 32,768
+        tokens: 2,886 rows/s with cuDNN, 3,077 and 3,242 without (three calls; in 77 batches of <= 65,536 tokens
+        2,920 vs 2,943 in one call; results/gpu/predict_rows_chunks*.json). SDPA's memory-efficient kernel
+        serves the same masks."""
+        compiled = self.hparams.compile_layers and self.trainer.state.fn == "predict"
         if compiled and self._label_forwards is None:
             self._label_forwards = compiled_forwards(hf.split_head(self.model)[0])
         autocast = torch.is_autocast_enabled(self.device.type)

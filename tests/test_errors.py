@@ -189,6 +189,8 @@ CASES = [
     ("last-checkpoint-other-base-model", {"checkpoints/smoke/last.ckpt": "R8"},
      FIT + ["--ckpt_path", "last", "--model.model_name_or_path", "other_base"],
      ["last.ckpt", "builtin:tiny-deepseek", "other_base", "use the matching config"]),
+    ("predict-checkpoint-explicit-other-lora-rank", {"r4.ckpt": "R4"},  # an explicit setting beats the .ckpt's
+     PREDICT + ["--ckpt_path", "r4.ckpt", "--model.lora_r", "8"], ["r4.ckpt", "r=4", "r=8", "use the matching config"]),
     ("checkpoint-with-code", {"evil.ckpt": "EVIL"}, FIT + ["--ckpt_path", "evil.ckpt"],
      ["evil.ckpt: checkpoint is corrupted or not a checkpoint", "Weights only load failed"]),
     # -- prediction input and output -----------------------------------------------------------------------------

@@ -267,7 +267,8 @@ def test_token_budget_batches_label_like_row_batches(tmp_path, trained):
 
 def test_compiled_layers_label_like_the_plain_modules(tmp_path, trained):
     """model.compile_layers puts the compiled norms and MLPs (dynamic shapes: every batch has its own) in place
-    for label scoring too: the same labels and probabilities, and compiled code did run."""
+    for predict's label scoring too: the same labels and probabilities, and compiled code did run; validate
+    keeps the plain modules."""
     from torch._dynamo.utils import counters
 
     _, adapter, _ = trained
@@ -280,6 +281,13 @@ def test_compiled_layers_label_like_the_plain_modules(tmp_path, trained):
     assert counters["stats"]["unique_graphs"] > before
     assert [r["label"] for r in compiled] == [r["label"] for r in plain]
     assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(plain, compiled) for k in a["probs"]) < 1e-5
+    # validate does not compile (its few hundred rows would not pay for it)
+    run, _, last = trained
+    cli = cli_main(["validate", "--config", str(ROOT / "configs/smoke.yaml"), "--data.train_path", str(SAMPLE),
+                    "--ckpt_path", str(last), "--trainer.default_root_dir", str(tmp_path / "val"),
+                    "--model.cuda_graphs", "true", "--model.compile_layers", "true", *QUIET])
+    assert cli.model.hparams.compile_layers  # the command line's setting, not the .ckpt's saved one
+    assert cli.model._label_forwards is None
 
 
 def test_writer_keeps_input_order_when_chunks_finish_out_of_order(tmp_path, capsys):
