@@ -415,16 +415,16 @@ class FinLLM(L.LightningModule):
             yield
 
     def _score(self, batch: dict[str, Any]) -> torch.Tensor:
-        with self._labeling_modules():
-            return score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
-                                batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0,
-                                prefix_memo=self._prefix_memo, prefix=batch["prefix_ids"])
+        """Label scores of a batch (inside `_labeling_modules`, which the caller enters once per step)."""
+        return score_labels(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
+                            batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0,
+                            prefix_memo=self._prefix_memo, prefix=batch["prefix_ids"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         with self._labeling_modules():
             loss, n = loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            scores = self._score(batch)
         self._val += torch.stack([loss.detach().double(), n.double()])
-        scores = self._score(batch)
         keep = batch["gold"] >= 0
         if keep.any():
             self.metrics.update(scores.argmax(-1)[keep], batch["gold"][keep])
@@ -444,7 +444,8 @@ class FinLLM(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if self.hparams.predict_mode == "generate":
             return {"rows": batch["rows"], "texts": self._generate(batch["prompt_ids"], batch["prompt_mask"])}
-        scores = self._score(batch).float()
+        with self._labeling_modules():
+            scores = self._score(batch).float()
         if scores.device.type != "cuda":
             return {"rows": batch["rows"], "scores": scores.cpu()}
         # Copied into pinned memory without waiting for it: the writer reads the scores one batch later (the event
