@@ -38,12 +38,16 @@ class EpochClock(Callback):
         self.t0 = None
         self.seconds = []
         self.losses = {}
+        self.first_step_s = None
 
     def on_train_epoch_start(self, trainer, pl_module):
         torch.cuda.synchronize()
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0 and not self.seconds:  # the first step: compiling (or loading compiled code) and a capture
+            torch.cuda.synchronize()
+            self.first_step_s = time.perf_counter() - self.t0
         if trainer.global_step > 0 and "train/loss" in trainer.callback_metrics:  # a device tensor: read it later,
             self.losses.setdefault(trainer.global_step, trainer.callback_metrics["train/loss"])  # not wait for it now
 
@@ -53,7 +57,42 @@ class EpochClock(Callback):
         self.losses = {k: float(v) for k, v in self.losses.items()}
 
 
-VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<nocomp>_nocomp)?")
+VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<nocomp>_nocomp)?(?P<nocudnn>_nocudnn)?")
+
+
+class CaptureClock:
+    """Wall time of each CUDA-graph capture (the shape's eager step + the capture itself, synced), and the host
+    time of each of the two passes inside it, while installed (the capture's pass runs no kernels)."""
+
+    def __init__(self):
+        from finllm_pl.graphs import GraphedLossBackward
+
+        self.cls, self.runs = GraphedLossBackward, []
+        self.capture, self.passes = self.cls._capture, self.cls._loss_and_grads
+        clock = self
+
+        def capture(g, key, st):
+            torch.cuda.synchronize()
+            t0, clock.current = time.perf_counter(), []
+            out = clock.capture(g, key, st)
+            torch.cuda.synchronize()
+            clock.runs.append({"shape": [list(key[0]), key[1]], "s": round(time.perf_counter() - t0, 4),
+                               "passes_host_s": [round(x, 4) for x in clock.current]})
+            clock.current = None
+            return out
+
+        def passes(g, st):
+            t0 = time.perf_counter()
+            out = clock.passes(g, st)
+            if clock.current is not None:
+                clock.current.append(time.perf_counter() - t0)
+            return out
+
+        self.current = None
+        self.cls._capture, self.cls._loss_and_grads = capture, passes
+
+    def remove(self):
+        self.cls._capture, self.cls._loss_and_grads = self.capture, self.passes
 
 
 class StepProfiler(Callback):
@@ -98,9 +137,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="instruction JSONL (the 13,173-row sentiment set)")
     ap.add_argument("--out", default="results/gpu/fit_epoch.json")
     ap.add_argument("--variants", default="eager,graphs",
-                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_c<chunk_tokens>][_nocomp]: "
+                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_c<chunk_tokens>][_nocomp][_nocudnn]: "
                          "the config's settings unless a part overrides them (noprefix: data.shared_prefix 0; once: "
-                         "model.dequantize_once; c: model.chunk_tokens; nocomp: model.compile_layers false)")
+                         "model.dequantize_once; c: model.chunk_tokens; nocomp: model.compile_layers false; nocudnn: cuDNN attention off)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs per variant; each is timed (the first captures)")
     ap.add_argument("--limit-batches", type=int, default=None, help="micro-batches per epoch (default: all)")
     ap.add_argument("--profile-steps", type=int, default=0, help="profile this many batches of the last epoch")
@@ -136,9 +175,16 @@ def main(argv=None) -> int:
                     "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                     "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", f"{tmp}/{name}",
                     "--checkpoint.dirpath", f"{tmp}/{name}", "--checkpoint.every_n_train_steps", "100000", *over]
+            captures = CaptureClock()
             cli = cli_main(args, run=False)
             cli.trainer.callbacks.extend([clock, prof])
-            cli.trainer.fit(cli.model, cli.datamodule)
+            cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(not m["nocudnn"] and cudnn)
+            try:
+                cli.trainer.fit(cli.model, cli.datamodule)
+            finally:
+                captures.remove()
+                torch.backends.cuda.enable_cudnn_sdp(cudnn)
             g, dm = cli.model._graphed, cli.datamodule
             tokens = sum(dm.train_set["length"])
             run = {"variant": name, "micro": dm.hparams.batch_size, "accumulation": cli.model.hparams.accumulate_grad_batches,
@@ -147,6 +193,8 @@ def main(argv=None) -> int:
                    "rows": len(dm.train_set), "tokens_per_epoch": tokens, "tok_s": tokens / clock.seconds[0],
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "graphs_captured": len(g.graphs) if g is not None else 0,
+                   "first_step_s": clock.first_step_s, "captures": captures.runs,
+                   "captures_s": sum(c["s"] for c in captures.runs),
                    "losses": [round(clock.losses[k], 4) for k in sorted(clock.losses)]}
             if prof.result is not None:
                 from gpu_throughput import profile_text
@@ -155,7 +203,8 @@ def main(argv=None) -> int:
                 print(profile_text(name, prof.result), flush=True)
             results["runs"].append(run)
             print(f"{name}: epochs {[round(x, 1) for x in run['epochs_s']]} s, {run['steps']} steps, peak "
-                  f"{run['peak_gib']:.2f} GiB, graphs {run['graphs_captured']}", flush=True)
+                  f"{run['peak_gib']:.2f} GiB, graphs {run['graphs_captured']} (captures {run['captures_s']:.1f} s, first step "
+                  f"{run['first_step_s']:.1f} s)", flush=True)
             write_results(a.out, results)  # so far: a later variant may run out of time
             if g is not None:  # the graphs hold their memory pool: free it before the next variant
                 g.graphs.clear()

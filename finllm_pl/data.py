@@ -258,9 +258,11 @@ def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return torch.tensor([([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs])
 
 
-def collate_train(rows: list[dict], pad_id: int, static: bool = False, shared_prefix: int = 0) -> dict[str, torch.Tensor]:
+def collate_train(rows: list[dict], pad_id: int, static: bool = False, shared_prefix: int = 0,
+                  static_rows: int = 0) -> dict[str, torch.Tensor]:
     """Right-padded ids; labels are -100 on the prompt (already) and on padding (here), nowhere else.
-    static: also the fixed-shape `g_*` copies CUDA graphs replay (`static_batch`, with `shared_prefix`)."""
+    static: also the fixed-shape `g_*` copies CUDA graphs replay (`static_batch`, with `shared_prefix` and
+    `static_rows`)."""
     ids = [r["input_ids"] for r in rows]
     batch = {
         "input_ids": _pad(ids, pad_id),
@@ -268,7 +270,8 @@ def collate_train(rows: list[dict], pad_id: int, static: bool = False, shared_pr
         "labels": _pad([r["labels"] for r in rows], -100),
     }
     if static:
-        batch.update(static_batch(batch["input_ids"], batch["attention_mask"], batch["labels"], shared_prefix))
+        batch.update(static_batch(batch["input_ids"], batch["attention_mask"], batch["labels"], shared_prefix,
+                                  static_rows))
     return batch
 
 
@@ -293,7 +296,7 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 
 def static_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                 shared_prefix: int = 0) -> dict[str, torch.Tensor]:
+                 shared_prefix: int = 0, rows: int = 0) -> dict[str, torch.Tensor]:
     """Fixed-shape copies of a right-padded training batch for CUDA-graph replay (finllm_pl/graphs.py).
 
     With `shared_prefix` > 0 and at least that many tokens common to every row (chat template, system prompt,
@@ -301,8 +304,15 @@ def static_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: 
     [1, P] and the rows hold only what follows (every row sees the prefix through the 4D mask): the prefix is
     computed once per micro-batch instead of once per row. The rest: the rows' length padded to `static_length`,
     a causal + padding mask [B, S, P + S] (made 4D on the device), position ids continuing after the prefix, and
-    the supervised positions as a power-of-two number of (position, target, weight) slots per row.
+    the supervised positions as a power-of-two number of (position, target, weight) slots per row. A batch of
+    fewer than `rows` rows (an epoch's short last one) is filled up with copies of its last row that carry no
+    supervised token (weight 0: the same loss and gradients) so that it replays a full batch's graph instead of
+    capturing one of its own.
     """
+    if input_ids.shape[0] < rows:
+        fill = rows - input_ids.shape[0]
+        input_ids, attention_mask = (torch.cat([t, t[-1:].expand(fill, -1)]) for t in (input_ids, attention_mask))
+        labels = torch.cat([labels, labels.new_full((fill, labels.shape[1]), -100)])
     B, L = input_ids.shape
     P = shared_prefix_length(input_ids, attention_mask, labels) if shared_prefix > 0 else 0
     P = P if P >= shared_prefix else 0
@@ -509,7 +519,8 @@ class InstructionDataModule(L.LightningDataModule):
         # Own generator: the DataLoader draws its worker seed from it, not from the global RNG that LoRA dropout
         # uses, so a resumed run's dropout masks match the uninterrupted run's.
         return DataLoader(self.train_set.with_format(None), batch_sampler=self._train_sampler,
-                          collate_fn=lambda rows: collate_train(rows, pad, hp.static_batches, hp.shared_prefix),
+                          collate_fn=lambda rows: collate_train(rows, pad, hp.static_batches, hp.shared_prefix,
+                                                               static_rows=hp.batch_size),
                           num_workers=hp.num_workers, pin_memory=self._pin_memory(),
                           generator=torch.Generator().manual_seed(hp.seed))
 

@@ -110,3 +110,41 @@ def test_gpu_labels_match_cpu_labels(workdir):
         for a, b in zip(rows["cpu"], rows[name]):
             assert a["id"] == b["id"] and a["label"] == b["label"], (name, a, b)
             assert all(abs(a["probs"][k] - b["probs"][k]) < 1e-4 for k in a["probs"]), (name, a, b)
+
+
+def test_later_shapes_are_captured_without_an_eager_warm_up_and_a_shape_that_must_compile_gets_one():
+    """After the first shape (eager warm-up, then capture), a new shape is captured at once and replayed for its
+    result; one whose compiled norms/MLPs must be compiled again (here: dynamo's cache reset) falls back to the
+    warm-up. Every result matches the eager step on the same batch (fp32, compiled kernels on both sides)."""
+    from test_graphs import _batch, _tiny_lora
+
+    from finllm_pl.graphs import GraphedLossBackward
+
+    model = _tiny_lora("qwen2").cuda()
+    graphed = GraphedLossBackward(model, torch.float32, use_graphs=True, compile_layers=True)
+    eager = GraphedLossBackward(model, torch.float32, use_graphs=False, compile_layers=True)
+    passes = []
+    run = graphed._loss_and_grads
+    graphed._loss_and_grads = lambda st: (passes.append(1), run(st))[1]
+    shapes = [(3, 9, 5, 17), (3, 4, 5, 6), (30, 2, 3, 4)]
+    batches = [{k: v.cuda() for k, v in _batch(12, lengths).items()} for lengths in shapes]
+    assert len({b["g_ids"].shape for b in batches}) == 3
+
+    def check(batch):
+        loss, n, grads = (x for x in graphed._replay(batch))
+        ref_loss, ref_n, ref_grads = eager._loss_and_grads(batch)
+        assert n == ref_n
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4 * r.abs().max())
+
+    check(batches[0])
+    assert len(passes) == 2 and len(graphed.graphs) == 1  # warm-up + capture
+    check(batches[1])
+    assert len(passes) == 3 and len(graphed.graphs) == 2  # capture only
+    torch._dynamo.reset()
+    check(batches[2])
+    assert len(passes) == 6 and len(graphed.graphs) == 3  # refused capture, warm-up (compiles), capture
+    for b in batches:  # replays
+        check(b)
+    assert len(passes) == 6

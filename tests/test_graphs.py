@@ -32,17 +32,17 @@ def _tiny_lora(arch: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32
     return model
 
 
-def _batch(prefix: int = 12):
-    """A static batch of 4 rows of different lengths that share their first `prefix` tokens."""
+def _batch(prefix: int = 12, lengths=(3, 9, 5, 17), rows: int = 0):
+    """A static batch of rows of different lengths that share their first `prefix` tokens (filled up to `rows`)."""
     g = torch.Generator().manual_seed(1)
     head = torch.randint(1, 97, (prefix,), generator=g)
-    rows = [torch.cat([head, torch.randint(1, 97, (n,), generator=g)]) for n in (3, 9, 5, 17)]
-    L = max(len(r) for r in rows)
-    ids = torch.stack([torch.cat([r, r.new_zeros(L - len(r))]) for r in rows])
-    mask = torch.stack([torch.arange(L) < len(r) for r in rows]).long()
+    seqs = [torch.cat([head, torch.randint(1, 97, (n,), generator=g)]) for n in lengths]
+    L = max(len(r) for r in seqs)
+    ids = torch.stack([torch.cat([r, r.new_zeros(L - len(r))]) for r in seqs])
+    mask = torch.stack([torch.arange(L) < len(r) for r in seqs]).long()
     labels = torch.where(mask.bool(), ids, -100)
     labels[:, : prefix + 1] = -100  # supervised: everything after the prefix's next token
-    return static_batch(ids, mask, labels, shared_prefix=8)
+    return static_batch(ids, mask, labels, shared_prefix=8, rows=rows)
 
 
 @pytest.mark.parametrize("arch, attn", [("qwen2", "sdpa"), ("llama", "sdpa"), ("qwen2", "eager")])
@@ -89,6 +89,28 @@ def test_packed_prefix_pass_names_models_whose_attention_it_cannot_reach():
     st = _batch()
     with pytest.raises(ModelError, match="data.shared_prefix 0"):
         packed_prefix_hidden(OwnAttention(), st, torch.float32)
+
+
+@pytest.mark.parametrize("prefix", [12, 0])
+def test_a_short_batch_filled_up_to_full_rows_gives_the_short_batch_s_loss_and_gradients(prefix):
+    """An epoch's short last batch (3 rows where micro-batches hold 4) is filled up with a copy of its last row
+    at weight 0 so it replays the full batches' graph shape: the same loss, token count and LoRA gradients as the
+    3 rows alone, with and without the shared prefix."""
+    model = _tiny_lora("qwen2")
+    step = GraphedLossBackward(model, torch.float32, use_graphs=False)
+    short, filled = _batch(prefix, (3, 9, 17)), _batch(prefix, (3, 9, 17), rows=4)
+    full = _batch(prefix, (3, 9, 5, 17))
+    assert ("g_pre" in filled) == (prefix > 0)
+    assert short["g_ids"].shape[0] == 3 and {k: v.shape for k, v in filled.items()} == {k: v.shape for k, v in full.items()}
+    assert filled["g_w"][3].sum() == 0 and torch.equal(filled["g_ids"][3], filled["g_ids"][2])
+    loss, n, grads = step._loss_and_grads(short)
+    f_loss, f_n, f_grads = step._loss_and_grads(filled)
+    assert n == f_n == short["g_w"].sum() > 0
+    torch.testing.assert_close(f_loss, loss, atol=1e-5, rtol=1e-6)
+    for g, r in zip(f_grads, grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert _batch(prefix, (3, 9, 5, 17), rows=2)["g_ids"].shape[0] == 4  # a full batch is left as it is
 
 
 def test_bf16_step_casts_lora_weights_once_and_feeds_lora_its_bf16_input_with_the_same_result(monkeypatch):
