@@ -566,7 +566,10 @@ class InstructionDataModule(L.LightningDataModule):
                                max_tokens=hp.eval_batch_tokens,
                                rank=rank, world_size=world, start_chunk=start)
         # Workers read and tokenize the next chunks (taking turns) while the GPU labels; 0 reads in the main process.
-        return DataLoader(stream, batch_size=None, num_workers=hp.num_workers, pin_memory=self._pin_memory())
+        # in_order=False: batches are taken from whichever worker has one ready (the writer restores input order);
+        # in order, the loader would wait for each worker in turn, and so for one tokenizing its next chunk.
+        return DataLoader(stream, batch_size=None, num_workers=hp.num_workers, pin_memory=self._pin_memory(),
+                          in_order=hp.num_workers == 0)
 
     # -- exact mid-epoch resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

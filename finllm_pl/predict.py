@@ -1,10 +1,12 @@
 """Batch labeling: a streamed, crash-safe reader and writer around `FinLLM.predict_step`.
 
-Reading: the input is read `chunk_rows` rows at a time (bounded memory for any file size); within a chunk rows
-are sorted by length so batches carry little padding. Under DDP, chunk c goes to rank c % world_size: no row is
+Reading: the input is read a chunk at a time (bounded memory for any file size); within a chunk rows are sorted
+by length so batches carry little padding. Chunks grow: each rank's first holds FIRST_CHUNK_ROWS rows, each next
+one twice as many, up to `chunk_rows` (`chunk_size`), so labeling starts once a small chunk is tokenized. Under DDP, chunk c goes to rank c % world_size: no row is
 labeled twice and no sampler padding adds duplicates. Within a rank, DataLoader workers take turns by chunk
 (worker w of W reads every row but tokenizes only the rank's chunks w, w + W, ...): tokenizing is the CPU's share
-of labeling, and one process alone keeps an H100 waiting.
+of labeling, and one process alone keeps an H100 waiting. Their batches are taken as they come (not worker by
+worker in turn), so a worker busy tokenizing its next chunk holds up no one while the others have batches.
 
 Writing: each rank appends finished chunks, in input order (a chunk that finishes early waits for the ones
 before it), to its part file and records its progress
@@ -34,7 +36,17 @@ from .data import budget_batches, collate_prompts
 from .prompts import PromptFormatter
 from .records import DataError, iter_rows
 
-PROGRESS_VERSION = 1
+PROGRESS_VERSION = 2  # 2: growing chunks (chunk_size)
+FIRST_CHUNK_ROWS = 1024
+
+
+def chunk_size(c: int, chunk_rows: int, world: int) -> int:
+    """Rows in chunk c of the input (chunk c goes to rank c % world): each rank's first chunk holds
+    FIRST_CHUNK_ROWS rows, each next one twice as many, up to `chunk_rows`. Why: nothing is labeled before a
+    whole chunk is tokenized; a first chunk of 16,384 rows kept an H100 idle for 3.6 s, 1,024 rows take ~0.25 s,
+    and the doubling keeps each next chunk tokenized before the GPU needs it (one worker tokenizes ~4,300 rows/s,
+    the GPU labels ~3,000)."""
+    return min(chunk_rows, FIRST_CHUNK_ROWS << min(c // world, 32))
 
 
 def input_fingerprint(path: str) -> str:
@@ -112,7 +124,7 @@ class PredictStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         c = -1
         while True:
-            chunk = list(islice(rows, self.chunk_rows))
+            chunk = list(islice(rows, chunk_size(c + 1, self.chunk_rows, self.world_size)))
             if not chunk:
                 return
             c += 1
@@ -249,7 +261,8 @@ class PredictionWriter(BasePredictionWriter):
 
 
 def finish_output(output: str, world: int, chunk_rows: int) -> None:
-    """Turn the rank part files into the output: chunk c sits in part c % world; rename when world is 1."""
+    """Turn the rank part files into the output: chunk c (`chunk_size` rows) sits in part c % world; rename when
+    world is 1."""
     parts = [part_path(output, r) for r in range(world)]
     tmp = Path(f"{output}.merging")
     if world == 1:
@@ -257,13 +270,13 @@ def finish_output(output: str, world: int, chunk_rows: int) -> None:
     else:
         files = [open(p, "rb") for p in parts]
         with open(tmp, "wb") as out:
-            r = 0
+            c = 0
             while True:
-                lines = list(islice(files[r], chunk_rows))
+                lines = list(islice(files[c % world], chunk_size(c, chunk_rows, world)))
                 if not lines:
                     break
                 out.writelines(lines)
-                r = (r + 1) % world
+                c += 1
             out.flush()
             os.fsync(out.fileno())
         for f in files:

@@ -22,7 +22,8 @@ import torch
 
 from finllm_pl.__main__ import cli_main
 from finllm_pl.data import (CountedRows, EvalBatchSampler, LengthGroupedBatchSampler, collate_eval)
-from finllm_pl.predict import PredictStream, finish_output, part_path
+from finllm_pl import predict
+from finllm_pl.predict import PredictStream, chunk_size, finish_output, part_path
 from finllm_pl.prompts import PromptFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,20 +319,31 @@ def _write_parts(output: Path, n_rows: int, chunk_rows: int, world: int) -> list
     lines = [json.dumps({"id": f"r{i}", "text": "line\u2028sep" if i == 1 else "x"}, ensure_ascii=False) + "\n"
              for i in range(n_rows)]
     parts = [b""] * world
-    for c, s in enumerate(range(0, n_rows, chunk_rows)):
-        parts[c % world] += "".join(lines[s:s + chunk_rows]).encode()
+    c = s = 0
+    while s < n_rows:
+        size = chunk_size(c, chunk_rows, world)
+        parts[c % world] += "".join(lines[s:s + size]).encode()
+        c, s = c + 1, s + size
     for r in range(world):
         part_path(str(output), r).write_bytes(parts[r])
         Path(f"{part_path(str(output), r)}.json").write_text("{}")
     return lines
 
 
+def test_chunks_start_small_and_double_on_each_rank_up_to_chunk_rows():
+    assert [chunk_size(c, 16384, 1) for c in range(7)] == [1024, 2048, 4096, 8192, 16384, 16384, 16384]
+    assert [chunk_size(c, 4096, 2) for c in range(7)] == [1024, 1024, 2048, 2048, 4096, 4096, 4096]
+    assert chunk_size(10**6, 500, 1) == 500 and chunk_size(0, 5, 3) == 5
+
+
+@pytest.mark.parametrize("first", [1024, 1], ids=["fixed", "growing"])  # 1: chunks of 1, 2, 4, ... rows
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("n_rows,chunk_rows", [(0, 4), (3, 4), (8, 4), (9, 4), (10, 3), (13, 4), (25, 5)],
                          ids=lambda v: str(v))
-def test_finish_output_merges_parts_back_into_input_order(tmp_path, world, n_rows, chunk_rows):
+def test_finish_output_merges_parts_back_into_input_order(tmp_path, monkeypatch, first, world, n_rows, chunk_rows):
     # (3, 4): one short chunk, ranks 1-2 have none; (9, 4): last chunk of 1 row; (10, 3) on 3 ranks: rank 0 has 2
     # chunks, the others 1; (8, 4) and (25, 5): all chunks full, parts of unequal chunk counts.
+    monkeypatch.setattr(predict, "FIRST_CHUNK_ROWS", first)
     out = tmp_path / "out.jsonl"
     lines = _write_parts(out, n_rows, chunk_rows, world)
     finish_output(str(out), world, chunk_rows)
@@ -339,10 +351,19 @@ def test_finish_output_merges_parts_back_into_input_order(tmp_path, world, n_row
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # parts, progress and temp files gone
 
 
+@pytest.mark.parametrize("first", [1024, 1], ids=["fixed", "growing"])
 @pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 3)])
-def test_predict_stream_deals_each_row_to_exactly_one_rank(tmp_path, tiny_tokenizer, monkeypatch, world, workers):
+def test_predict_stream_deals_each_row_to_exactly_one_rank(tmp_path, tiny_tokenizer, monkeypatch, first, world,
+                                                           workers):
     """Rank r reads chunks r, r + world, ...; its DataLoader workers take turns over those (worker w of W the
-    rank's w-th, (w + W)-th, ... chunk): every row exactly once, whole chunks, resumable by chunk."""
+    rank's w-th, (w + W)-th, ... chunk): every row exactly once, whole chunks of chunk_size rows, resumable by
+    chunk; with fixed 5-row chunks and with chunks growing 1, 2, 4, 5, 5 rows on each rank."""
+    monkeypatch.setattr(predict, "FIRST_CHUNK_ROWS", first)
+    starts, c, s = [], 0, 0  # the first row of each chunk
+    while s < 23:
+        starts.append(s)
+        c, s = c + 1, s + chunk_size(c, 5, world)
+    assert first == 1024 or len(starts) > 5
     src = tmp_path / "in.txt"
     src.write_text("".join(f"headline number {i} {'up ' * (i % 5)}\n" for i in range(23)))
     fmt = PromptFormatter(tiny_tokenizer, "auto", "auto", None)
@@ -358,15 +379,16 @@ def test_predict_stream_deals_each_row_to_exactly_one_rank(tmp_path, tiny_tokeni
             got = [(b["chunk"], index) for b in s for index, _, _ in b["rows"]]
             assert all((c // world) % workers == w for (c, _), _ in got)
             out += got
-        monkeypatch.undo()
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
         return sorted(out, key=lambda x: (x[0][0], x[1]))
 
     got = {r: rows(r) for r in range(world)}
     indices = [i for r in got for _, i in got[r]]
     assert sorted(indices) == list(range(23))  # every row exactly once
+    ends = starts[1:] + [23]
     for r, items in got.items():
-        assert {c for (c, _), _ in items} == {c for c in range(5) if c % world == r}  # 23 rows / 5 = 5 chunks
-        assert all(i // 5 == c and size == (3 if c == 4 else 5) for (c, size), i in items)
+        assert {c for (c, _), _ in items} == {c for c in range(len(starts)) if c % world == r}
+        assert all(starts[c] <= i < ends[c] and size == ends[c] - starts[c] for (c, size), i in items)
     # a restart that recorded 1 finished chunk on each rank resumes at the rank's next chunk
     for r in range(world):
         assert [x for x in rows(r, start=1)] == [x for x in got[r] if x[0][0] // world >= 1]
