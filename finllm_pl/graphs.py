@@ -22,6 +22,9 @@ and makes the library handles), every later one at once, then replayed for its r
 0.3-0.5 s of each capture: the first epoch 33.2 -> 29.4 s on an H100; an epoch's short last batch is filled up
 to the full rows and adds no shape). All graphs share one memory pool, as they never run at the same time. Under bf16 autocast all LoRA weights are cast once per step
 and the LoRA layers take their bf16 input uncast: the same numbers with ~450 fewer copy kernels (14.9 -> 14.4 s).
+Attention stays off cuDNN (fast_modules): cuDNN compiles and plans its kernels for every new shape, which made
+the first epoch 27.3 s instead of 20.4 s (first step 9.4 vs 4.4 s, later captures 4.8 vs 2.5 s) for epochs
+0.1-0.2 s slower after (14.3 / 13.9 vs 14.4 / 14.1 s; results/gpu/fit_epoch_{cudnn_baseline,nocudnn}.json).
 
 The graph computes the summed token loss and the LoRA gradients (`torch.autograd.grad`); they are added into
 `p.grad` outside it, so accumulation, clipping, the optimizer and the LR schedule stay the trainer's own.
@@ -35,7 +38,7 @@ Off CUDA (tests) the same static computation runs eagerly.
 from __future__ import annotations
 
 import types
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Optional
 
 import torch
@@ -154,18 +157,26 @@ def _per_token(compiled):
 
 
 @contextmanager
-def fast_modules(model, forwards: dict[torch.nn.Module, Any], uncast_lora_input: bool):
+def fast_modules(model, forwards: dict[torch.nn.Module, Any], uncast_lora_input: bool, skip_cudnn_attention: bool):
     """For a while: the modules' forwards replaced by the given ones (compiled_forwards), and (uncast_lora_input,
     under low-precision autocast) LoRA layers that take their input as it is. peft casts it to the adapter's fp32
     first, then autocast casts (the dropped-out copy) back for the matmul: the same numbers (dropout scales in fp32
     and rounds once either way, forward and backward; in eval it is the identity) at two extra copies and an fp32
-    dropout per LoRA layer per pass. Used by the training step and by label scoring."""
+    dropout per LoRA layer per pass. skip_cudnn_attention (CUDA): SDPA picks among flash, memory-efficient and
+    math kernels, not cuDNN's, which builds an execution plan for every new shape (fwd + bwd: ~0.25 s per captured
+    training shape; labeling batches each have their own shape); the memory-efficient kernel serves the same
+    masks. Used by the training step and by label scoring."""
     from peft.helpers import disable_input_dtype_casting
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     for m, forward in forwards.items():
         m.forward = forward
     try:
-        with disable_input_dtype_casting(model, active=uncast_lora_input):
+        with ExitStack() as stack:
+            stack.enter_context(disable_input_dtype_casting(model, active=uncast_lora_input))
+            if skip_cudnn_attention:
+                stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                 SDPBackend.MATH]))
             yield
     finally:
         for m in forwards:
@@ -209,7 +220,7 @@ class GraphedLossBackward:
     def _loss_and_grads(self, st: dict[str, torch.Tensor]):
         dev = st["g_ids"].device.type
         low = self.dtype != torch.float32
-        with fast_modules(self.model, self.compiled, uncast_lora_input=low), \
+        with fast_modules(self.model, self.compiled, uncast_lora_input=low, skip_cudnn_attention=dev == "cuda"), \
                 torch.autocast(dev, dtype=self.dtype, enabled=low, cache_enabled=False):
             mdt, call = mask_dtype(self.head), self._decoder()
             if "g_pre" in st:  # the rows' shared prefix once, packed in front of them: one pass

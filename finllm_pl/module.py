@@ -19,13 +19,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import model as hf
@@ -406,12 +405,8 @@ class FinLLM(L.LightningModule):
             self._label_forwards = compiled_forwards(hf.split_head(self.model)[0])
         autocast = torch.is_autocast_enabled(self.device.type)
         low = autocast and torch.get_autocast_dtype(self.device.type) != torch.float32
-        with ExitStack() as stack:
-            stack.enter_context(fast_modules(self.model, self._label_forwards if compiled else {},
-                                             uncast_lora_input=low))
-            if self.device.type == "cuda":
-                stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                                 SDPBackend.MATH]))
+        with fast_modules(self.model, self._label_forwards if compiled else {}, uncast_lora_input=low,
+                          skip_cudnn_attention=self.device.type == "cuda"):
             yield
 
     def _score(self, batch: dict[str, Any]) -> torch.Tensor:

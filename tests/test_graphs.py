@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from finllm_pl import model as hf
 from finllm_pl.data import static_batch
 from finllm_pl.errors import ModelError
-from finllm_pl.graphs import GraphedLossBackward, packed_prefix_attention, packed_prefix_hidden
+from finllm_pl.graphs import GraphedLossBackward, fast_modules, packed_prefix_attention, packed_prefix_hidden
 from finllm_pl.scoring import _decoder_call, attention_mask_4d, prefix_cache
 
 ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
@@ -194,6 +194,17 @@ def test_label_scoring_feeds_lora_its_bf16_input_under_autocast_with_the_same_sc
     assert torch.backends.cuda.cudnn_sdp_enabled()
     for h in hooks:
         h.remove()
+
+
+def test_fast_modules_switch_cudnn_attention_off_when_asked_and_back():
+    """The training step (on CUDA) and label scoring keep SDPA off cuDNN, which plans every new shape anew."""
+    model = _tiny_lora("qwen2")
+    with fast_modules(model, {}, uncast_lora_input=False, skip_cudnn_attention=True):
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with fast_modules(model, {}, uncast_lora_input=False, skip_cudnn_attention=False):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
 class _Copies(TorchDispatchMode):
