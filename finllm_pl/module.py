@@ -37,6 +37,12 @@ from .schedule import WarmupOverflow, resolve_schedule
 from .scoring import loss_sum, score_labels
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# predict compiles the norms/MLPs (model.compile_layers) only for jobs of at least this many rows per process. On an
+# H100, each job in a new process with an empty compile cache (results/gpu/predict_rows_compile_by_job_size.json):
+#   rows      13,173  26,346  52,692  158,076
+#   compiled    9.8    12.0    19.4    50.8  s
+#   plain       5.7    10.3    19.6    55.2  s
+LABEL_COMPILE_MIN_ROWS = 50_000
 
 
 class NonFiniteError(FinLLMError):
@@ -160,6 +166,7 @@ class FinLLM(L.LightningModule):
         self.schedule = None
         self._graphed = None  # GraphedLossBackward when model.cuda_graphs
         self._label_forwards: Optional[dict] = None  # model.compile_layers: compiled forwards for labeling
+        self._compile_labeling = False  # this predict run uses them (on_predict_epoch_start)
         self._merged = False  # model.merge_for_labeling done
 
     # -- model -------------------------------------------------------------------------------------------
@@ -388,19 +395,27 @@ class FinLLM(L.LightningModule):
     def on_predict_epoch_start(self) -> None:
         self._merge_for_labeling()
         self._prefix_memo = {}
+        self._compile_labeling = self.hparams.compile_layers
+        path = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("predict_path")
+        if self._compile_labeling and path and os.path.isfile(path):
+            rows = _count_lines(path) // self.trainer.world_size  # (every input format is line-based)
+            if rows < LABEL_COMPILE_MIN_ROWS:
+                self._compile_labeling = False
+                rank_zero_info(f"model.compile_layers: not compiling for ~{rows:,} rows to label per process "
+                               f"(it pays from ~{LABEL_COMPILE_MIN_ROWS:,})")
 
     @contextmanager
     def _labeling_modules(self):
         """A context for validation and label scoring: LoRA layers take their input uncast under bf16/fp16
         autocast (bit-identical, fewer copies); with model.compile_layers, in predict runs, compiled norms and
-        MLPs (dynamic shapes) are in place (not in validation: a process compiles for ~4-11 s and saves ~15% of
-        labeling time, which pays from ~55k rows on; validation sets are a few hundred or thousand rows); on
+        MLPs (dynamic shapes) are in place for jobs of LABEL_COMPILE_MIN_ROWS rows or more (not in validation:
+        its sets are a few hundred or thousand rows, and compiling would cost more than it saves); on
         CUDA, attention does not use cuDNN's kernel. cuDNN builds an execution plan for each new shape, and
         every labeling batch has its own (rows x length). On an H100, 52,692 rows in 133 batches of <= 32,768
         tokens: 2,886 rows/s with cuDNN, 3,077 and 3,242 without (three calls; in 77 batches of <= 65,536 tokens
         2,920 vs 2,943 in one call; results/gpu/predict_rows_chunks*.json). SDPA's memory-efficient kernel
         serves the same masks."""
-        compiled = self.hparams.compile_layers and self.trainer.state.fn == "predict"
+        compiled = self._compile_labeling and self.trainer.state.fn == "predict"
         if compiled and self._label_forwards is None:
             self._label_forwards = compiled_forwards(hf.split_head(self.model)[0])
         autocast = torch.is_autocast_enabled(self.device.type)
@@ -537,3 +552,9 @@ class FinLLM(L.LightningModule):
                 if n in grads:
                     p.grad = grads[n].to(p.device, p.dtype)
             self._window = {**win, "t0": None}
+
+
+def _count_lines(path: str) -> int:
+    """Newlines in a file (~0.05 s per 100 MB): an upper bound on its rows, to size the job before reading it."""
+    with open(path, "rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))

@@ -90,7 +90,7 @@ def test_cuda_graphs_fit_follows_the_eager_fit(workdir, tiny_dir):
     assert max(chunk_rows) < 4 and runs["chunked_compiled"][1].model._graphed.compiled  # 4-row batches were split
 
 
-def test_gpu_labels_match_cpu_labels(workdir):
+def test_gpu_labels_match_cpu_labels(workdir, monkeypatch):
     """predict on the GPU (scores copied back without waiting, written one batch behind, pinned batches; and with
     the fast config's labeling: 3 workers taking turns by chunk, compiled norms/MLPs, attention off cuDNN)
     writes every row, in input order, with the CPU run's labels and probabilities (fp32 on both)."""
@@ -100,6 +100,9 @@ def test_gpu_labels_match_cpu_labels(workdir):
             "--trainer.enable_progress_bar", "false"]
     fast = ["--data.num_workers", "3", "--model.cuda_graphs", "true", "--model.compile_layers", "true",
             "--data.eval_batch_tokens", "600"]
+    from finllm_pl import module
+
+    monkeypatch.setattr(module, "LABEL_COMPILE_MIN_ROWS", 0)  # compile even for this small job
     rows = {}
     for name, acc, extra in (("cpu", "cpu", []), ("gpu", "gpu", []), ("gpu_fast", "gpu", fast)):
         cli_main([*args, "--trainer.accelerator", acc, "--data.predict_output", f"{name}.jsonl", *extra])

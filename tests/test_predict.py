@@ -265,19 +265,26 @@ def test_token_budget_batches_label_like_row_batches(tmp_path, trained):
     assert [r["id"] for r in workers] == [r["id"] for r in rows] and [r["label"] for r in workers] == [r["label"] for r in rows]
 
 
-def test_compiled_layers_label_like_the_plain_modules(tmp_path, trained):
+def test_compiled_layers_label_like_the_plain_modules(tmp_path, trained, monkeypatch, caplog):
     """model.compile_layers puts the compiled norms and MLPs (dynamic shapes: every batch has its own) in place
-    for predict's label scoring too: the same labels and probabilities, and compiled code did run; validate
-    keeps the plain modules."""
+    for predict's label scoring too, in jobs large enough to pay for compiling: the same labels and
+    probabilities, and compiled code did run; a smaller job and validate keep the plain modules."""
     from torch._dynamo.utils import counters
+
+    from finllm_pl import module
 
     _, adapter, _ = trained
     inp = tmp_path / "in.txt"
     inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
     plain = _predict(inp, tmp_path / "plain.jsonl", ckpt=adapter)
+    fast = ["--model.cuda_graphs", "true", "--model.compile_layers", "true"]
     before = counters["stats"]["unique_graphs"]
-    compiled = _predict(inp, tmp_path / "compiled.jsonl", "--model.cuda_graphs", "true", "--model.compile_layers",
-                        "true", ckpt=adapter)
+    monkeypatch.setattr(module, "LABEL_COMPILE_MIN_ROWS", 13)  # 12 rows: too few to compile for
+    small = _predict(inp, tmp_path / "small.jsonl", *fast, ckpt=adapter)
+    assert counters["stats"]["unique_graphs"] == before and small == plain
+    assert "not compiling for ~12 rows" in caplog.text
+    monkeypatch.setattr(module, "LABEL_COMPILE_MIN_ROWS", 12)
+    compiled = _predict(inp, tmp_path / "compiled.jsonl", *fast, ckpt=adapter)
     assert counters["stats"]["unique_graphs"] > before
     assert [r["label"] for r in compiled] == [r["label"] for r in plain]
     assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(plain, compiled) for k in a["probs"]) < 1e-5
