@@ -187,10 +187,11 @@ def main(argv=None) -> int:
                 torch.backends.cuda.enable_cudnn_sdp(cudnn)
             g, dm = cli.model._graphed, cli.datamodule
             tokens = sum(dm.train_set["length"])
+            supervised = sum(len(lab) - lab.count(-100) for lab in dm.train_set["labels"])
             run = {"variant": name, "micro": dm.hparams.batch_size, "accumulation": cli.model.hparams.accumulate_grad_batches,
                    "shared_prefix": dm.hparams.shared_prefix, "num_workers": dm.hparams.num_workers,
                    "epoch_s": clock.seconds[0], "epochs_s": clock.seconds, "steps": cli.trainer.global_step,
-                   "rows": len(dm.train_set), "tokens_per_epoch": tokens, "tok_s": tokens / clock.seconds[0],
+                   "rows": len(dm.train_set), "tokens_per_epoch": tokens, "supervised_per_epoch": supervised, "tok_s": tokens / clock.seconds[0],
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "graphs_captured": len(g.graphs) if g is not None else 0,
                    "first_step_s": clock.first_step_s, "captures": captures.runs,
