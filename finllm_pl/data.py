@@ -430,8 +430,9 @@ class InstructionDataModule(L.LightningDataModule):
                 rows then share one LoRA-dropout mask on them. 0 = never.
             cache_dir: tokenization cache (default $FINLLM_CACHE/tokenized or ~/.cache/finllm_pl/tokenized).
             predict_chunk_rows: rows read, sorted by length and labeled together when predicting (bounds memory;
-                larger: less padding, as rows of closer lengths share batches, but a longer wait for the first
-                batch and a coarser resume point).
+                larger: less padding, as rows of closer lengths share batches, and a coarser resume point). Each
+                rank's first chunk holds 1,024 rows and each next one twice as many up to this, so labeling starts
+                once a small chunk is tokenized.
         """
         super().__init__()
         for name, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size),

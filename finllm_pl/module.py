@@ -115,8 +115,9 @@ class FinLLM(L.LightningModule):
             compile_layers: torch.compile the decoder layers' norms and MLPs inside the CUDA-graph training step
                 and in predict's label scoring (fused kernels; one compiled forward per class serves every
                 layer). Needs cuda_graphs. On an H100: epochs 28.9 / 17.8 -> 25.5 / 14.9 s (first / later; the
-                first compiles); predict 2,306 -> 2,713 rows/s once compiled (each process compiles first: ~10 s
-                on a new machine, ~3-4 s where torch's disk cache has the kernels).
+                first compiles); predict 2,306 -> 2,713 rows/s once compiled (each process compiles first: ~4-10 s
+                on a new machine, ~3-4 s where torch's disk cache has the kernels), so predict compiles only for
+                jobs of LABEL_COMPILE_MIN_ROWS (50,000) rows or more per process.
             dequantize_once: keep the 4-bit base dequantized (in compute dtype) for the whole run instead of
                 dequantizing every layer at every forward and backward: the same weights and results, fewer GPU
                 kernels per step, +2 bytes per base weight of memory (2.6 GB for the 1.5B model).
@@ -555,6 +556,6 @@ class FinLLM(L.LightningModule):
 
 
 def _count_lines(path: str) -> int:
-    """Newlines in a file (~0.05 s per 100 MB): an upper bound on its rows, to size the job before reading it."""
+    """Newlines in a file (~0.05 s per 100 MB): about its rows, to size a labeling job before reading it."""
     with open(path, "rb") as f:
         return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
