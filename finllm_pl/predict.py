@@ -3,10 +3,11 @@
 Reading: the input is read a chunk at a time (bounded memory for any file size); within a chunk rows are sorted
 by length so batches carry little padding. Chunks grow: each rank's first holds FIRST_CHUNK_ROWS rows, each next
 one twice as many, up to `chunk_rows` (`chunk_size`), so labeling starts once a small chunk is tokenized. Under
-DDP, chunk c goes to rank c % world_size: no row is labeled twice and no sampler padding adds duplicates. Within a rank, DataLoader workers take turns by chunk
-(worker w of W reads every row but tokenizes only the rank's chunks w, w + W, ...): tokenizing is the CPU's share
-of labeling, and one process alone keeps an H100 waiting. Their batches are taken as they come (not worker by
-worker in turn), so a worker busy tokenizing its next chunk holds up no one while the others have batches.
+DDP, chunk c goes to rank c % world_size: no row is labeled twice and no sampler padding adds duplicates. Within
+a rank, DataLoader workers take turns by chunk (worker w of W reads every row but tokenizes only the rank's
+chunks w, w + W, ...): tokenizing is the CPU's share of labeling, and one process alone keeps an H100 waiting.
+Their batches are taken as they come (not worker by worker in turn), so a worker busy tokenizing its next chunk
+holds up no one while the others have batches.
 
 Writing: each rank appends finished chunks, in input order (a chunk that finishes early waits for the ones
 before it), to its part file and records its progress
