@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ModelError
+from .fused import fused_forwards
 from .model import split_head
 from .scoring import _decoder_call, attention_mask_4d, mask_dtype
 
@@ -192,9 +193,11 @@ class GraphedLossBackward:
         self.model = model
         self.max_tokens = max_tokens  # model.chunk_tokens: longer micro-batches run as row chunks
         self.decoder, self.head, _ = split_head(model)
-        # model.compile_layers: compiled forwards, put in place only while this step runs (or is captured);
-        # predict runs compile their own (FinLLM._labeling_modules)
+        # The attention's LoRA linears with fewer kernels (finllm_pl/fused.py) and (model.compile_layers) compiled
+        # norms and MLPs: forwards put in place only while this step runs (or is captured); predict runs compile
+        # their own (FinLLM._labeling_modules)
         self.compiled = compiled_forwards(self.decoder) if compile_layers else {}
+        self.forwards = {**fused_forwards(self.decoder), **self.compiled}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = compute_dtype
         # Under autocast every LoRA matmul casts its fp32 weight to bf16 (and its gradient back): 448 small copy
@@ -221,7 +224,7 @@ class GraphedLossBackward:
     def _loss_and_grads(self, st: dict[str, torch.Tensor]):
         dev = st["g_ids"].device.type
         low = self.dtype != torch.float32
-        with fast_modules(self.model, self.compiled, uncast_lora_input=low, skip_cudnn_attention=dev == "cuda"), \
+        with fast_modules(self.model, self.forwards, uncast_lora_input=low, skip_cudnn_attention=dev == "cuda"), \
                 torch.autocast(dev, dtype=self.dtype, enabled=low, cache_enabled=False):
             mdt, call = mask_dtype(self.head), self._decoder()
             if "g_pre" in st:  # the rows' shared prefix once, packed in front of them: one pass

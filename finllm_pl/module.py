@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from . import model as hf
 from .callbacks import check_adapter_matches
 from .errors import ConfigError, FinLLMError, ModelError
+from .fused import fused_forwards
 from .graphs import GraphedLossBackward, compiled_forwards, fast_modules, row_chunks
 from .metrics import label_metrics, summarize
 from .prompts import DEFAULT_LABELS
@@ -167,6 +168,7 @@ class FinLLM(L.LightningModule):
         self.schedule = None
         self._graphed = None  # GraphedLossBackward when model.cuda_graphs
         self._label_forwards: Optional[dict] = None  # model.compile_layers: compiled forwards for labeling
+        self._fused_forwards: Optional[dict] = None  # the attention's LoRA linears for labeling (finllm_pl/fused.py)
         self._compile_labeling = False  # this predict run uses them (on_predict_epoch_start)
         self._merged = False  # model.merge_for_labeling done
 
@@ -407,8 +409,9 @@ class FinLLM(L.LightningModule):
 
     @contextmanager
     def _labeling_modules(self):
-        """A context for validation and label scoring: LoRA layers take their input uncast under bf16/fp16
-        autocast (bit-identical, fewer copies); with model.compile_layers, in predict runs, compiled norms and
+        """A context for validation and label scoring: the attention's linears with fewer kernels (fused.py; q/k/v
+        as one matmul); LoRA layers take their input uncast under bf16/fp16 autocast (bit-identical, fewer
+        copies); with model.compile_layers, in predict runs, compiled norms and
         MLPs (dynamic shapes) are in place for jobs of LABEL_COMPILE_MIN_ROWS rows or more (not in validation:
         its sets are a few hundred or thousand rows, and compiling would cost more than it saves); on
         CUDA, attention does not use cuDNN's kernel. cuDNN builds an execution plan for each new shape, and
@@ -416,12 +419,17 @@ class FinLLM(L.LightningModule):
         tokens: 2,886 rows/s with cuDNN, 3,077 and 3,242 without (three calls; in 77 batches of <= 65,536 tokens
         2,920 vs 2,943 in one call; results/gpu/predict_rows_chunks*.json). SDPA's memory-efficient kernel
         serves the same masks."""
-        compiled = self._compile_labeling and self.trainer.state.fn == "predict"
-        if compiled and self._label_forwards is None:
-            self._label_forwards = compiled_forwards(hf.split_head(self.model)[0])
+        decoder = hf.split_head(self.model)[0]
+        if self._fused_forwards is None:
+            self._fused_forwards = fused_forwards(decoder)
+        forwards = self._fused_forwards
+        if self._compile_labeling and self.trainer.state.fn == "predict":
+            if self._label_forwards is None:
+                self._label_forwards = compiled_forwards(decoder)
+            forwards = {**forwards, **self._label_forwards}
         autocast = torch.is_autocast_enabled(self.device.type)
         low = autocast and torch.get_autocast_dtype(self.device.type) != torch.float32
-        with fast_modules(self.model, self._label_forwards if compiled else {}, uncast_lora_input=low,
+        with fast_modules(self.model, forwards, uncast_lora_input=low,
                           skip_cudnn_attention=self.device.type == "cuda"):
             yield
 

@@ -1,0 +1,179 @@
+"""Attention's LoRA linears with fewer, larger kernels, for the fast paths (the CUDA-graph training step and label
+scoring enter them through graphs.fast_modules). Plain torch + peft.
+
+Why: peft runs a LoRA linear as base matmul, dropout, A matmul, B matmul, scale, add: six kernels that each read or
+write a whole [tokens, hidden] tensor for a rank-4 update, and its backward twice that. With the base held
+dequantized (model.dequantize_once) and the step replayed from a CUDA graph, the 1.5B model's attention
+projections took 11.4 ms of a ~34 ms training step, where their matmuls' arithmetic needs ~2.
+- q_proj, k_proj and v_proj read the same hidden states. One matmul over their weights concatenated computes all
+  three base outputs. Their LoRA updates take two more: one batched matmul for the three A's (three independent
+  dropout masks, drawn by one kernel) and one for the three B's as one block-diagonal matrix, which scales and
+  adds into the base output (addmm). The k and v outputs are handed to k_proj and v_proj when the attention
+  layer calls them with the same input right after q_proj.
+- Every other LoRA linear of the attention (o_proj): B's matmul scales and adds into the base output (addmm).
+Same math as peft's forward; only float rounding differs (the update is rounded once, added in the matmul), and the
+dropout masks come from the same RNG in another order. Only the plain case takes this route: base layers that are
+plain nn.Linear (dequantized or unquantized; frozen), one active vanilla LoRA adapter (or merged ones: the base
+alone), inputs in the adapter's dtype or under autocast. Anything else runs peft's own forward, checked at every
+call. The concatenated q/k/v weight is a copy (176 MB for the 1.5B model), made again when a base weight changes.
+
+Measured on an H100 (each against its baseline in the same call, new processes, empty compile caches):
+- 28 layers' attention projections, forward + backward from a CUDA graph: 11.42 -> 10.47 ms per step at 1,800
+  tokens, 17.94 -> 17.25 at 3,600 (benchmarks/lora_kernels.py, results/gpu/lora_kernels.json).
+- The fast config's epoch through the CLI, two calls: later epochs 14.7 -> 14.0 and 14.5 -> 14.1 s, first epochs
+  25.4 -> 21.5 and 22.7 -> 21.5 s (fewer kernels to capture), peak 9.0 -> 9.4 GiB, the same losses
+  (results/gpu/fit_epoch_fused{,_baseline}.json).
+- predict, 52,692 rows (merged adapter: q/k/v as one matmul): 2,707 -> 2,792 rows/s
+  (results/gpu/predict_rows_x4_fused{,_baseline}.json).
+MLP linears are left alone: gate_proj and up_proj as one matmul measured 14.47 -> 14.11 ms (1,800 tokens), not
+worth a concatenated copy of their weights (1.5 GB).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+QKV = ("q_proj", "k_proj", "v_proj")  # the HF name of the projections an attention layer calls one after another
+
+
+def _base(m: torch.nn.Module) -> torch.nn.Module:
+    return m.get_base_layer() if hasattr(m, "get_base_layer") else m
+
+
+def _adapter(m: torch.nn.Module) -> Any:
+    """How `m` computes now: "base" (its base linear alone: no LoRA layer, or the adapter merged in), the name of
+    its one active vanilla LoRA adapter, or None (peft's own forward must run: several adapters, DoRA or another
+    variant, a LoRA bias, adapters disabled)."""
+    if not hasattr(m, "lora_A"):
+        return "base"
+    if m.disable_adapters:
+        return None
+    if m.merged:
+        return "base"
+    active = [a for a in m.active_adapters if a in m.lora_A]
+    if len(active) != 1:
+        return "base" if not active else None
+    a = active[0]
+    if a in getattr(m, "lora_variant", {}) or m.use_dora.get(a) or m.lora_bias.get(a):
+        return None
+    return a
+
+
+def _dropout_p(m: torch.nn.Module, a: str) -> Optional[float]:
+    d = m.lora_dropout[a]
+    if isinstance(d, torch.nn.Identity):
+        return 0.0
+    if type(d) is torch.nn.Dropout:
+        return d.p if d.training else 0.0
+    return None  # some other module: peft's forward
+
+
+class LoRAGroup:
+    """Linears of one attention layer that read the same input, computed by the first one's call: its output is
+    returned, the others' are kept for their calls (with the very same input tensor) that follow."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.modules = modules
+        self.bases = [_base(m) for m in modules]
+        self.sizes = [b.out_features for b in self.bases]
+        self._fused: tuple = ((), None, None)  # (the weights' identity, concatenated weight, bias)
+        self._pending: Optional[tuple] = None  # (input, outputs of the later modules)
+
+    @staticmethod
+    def fits(modules: list[torch.nn.Module]) -> bool:
+        bases = [_base(m) for m in modules]
+        return (all(type(b) is torch.nn.Linear and not b.weight.requires_grad for b in bases)
+                and len({b.in_features for b in bases}) == 1
+                and len({hasattr(m, "lora_A") for m in modules}) == 1
+                and len({b.bias is None for b in bases}) == 1)
+
+    def forwards(self) -> dict[torch.nn.Module, Callable]:
+        """The modules' forwards (graphs.fast_modules puts them in place)."""
+        out = {self.modules[0]: self._first}
+        for i, m in enumerate(self.modules[1:], 1):
+            out[m] = lambda x, *args, _i=i, **kwargs: self._later(_i, x, *args, **kwargs)
+        return out
+
+    def _weights(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The base weights (and biases) concatenated, made again whenever one of them changed (a merge)."""
+        if len(self.bases) == 1:
+            return self.bases[0].weight, self.bases[0].bias
+        ws = [b.weight for b in self.bases] + [b.bias for b in self.bases if b.bias is not None]
+        # peft merges by writing into weight.data, which moves no pointer and bumps no version: the merged
+        # adapters are part of the key
+        key = tuple((w.data_ptr(), w._version) for w in ws) + tuple(
+            tuple(getattr(m, "merged_adapters", ())) for m in self.modules)
+        if key != self._fused[0]:
+            bias = None if self.bases[0].bias is None else torch.cat([b.bias for b in self.bases]).detach()
+            self._fused = (key, torch.cat([b.weight for b in self.bases]).detach(), bias)
+        return self._fused[1], self._fused[2]
+
+    def _first(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._pending = None
+        adapters = [_adapter(m) for m in self.modules]
+        lora = "base" not in adapters
+        if None not in adapters and lora:
+            ps = [_dropout_p(m, a) for m, a in zip(self.modules, adapters)]
+            As = [m.lora_A[a].weight for m, a in zip(self.modules, adapters)]
+            plain = (None not in ps and len(set(ps)) == 1 and len({A.shape[0] for A in As}) == 1
+                     and (x.dtype == As[0].dtype or torch.is_autocast_enabled(x.device.type)))
+        else:  # the base alone (every module), or peft's forward
+            plain = set(adapters) == {"base"}
+        if args or kwargs or not plain:
+            return type(self.modules[0]).forward(self.modules[0], x, *args, **kwargs)
+        x2 = x.reshape(-1, x.shape[-1])
+        weight, bias = self._weights()
+        y = F.linear(x2, weight, bias)
+        if lora:
+            p, n = ps[0], len(As)
+            if p > 0:  # n independent dropout masks of x, in one kernel
+                dropped = F.dropout(x2.expand(n, *x2.shape), p, training=True)
+                h = torch.bmm(dropped, torch.stack(As).transpose(1, 2)).transpose(0, 1).reshape(x2.shape[0], -1)
+            else:
+                h = F.linear(x2, torch.cat(As) if n > 1 else As[0])
+            Bs = [m.lora_B[a].weight for m, a in zip(self.modules, adapters)]
+            scales = [m.scaling[a] for m, a in zip(self.modules, adapters)]
+            alpha = scales[0]  # one scale (the usual): the matmul applies it
+            if len(set(scales)) > 1:
+                Bs, alpha = [B * s for B, s in zip(Bs, scales)], 1.0
+            y = torch.addmm(y, h, (torch.block_diag(*Bs) if n > 1 else Bs[0]).t(), alpha=alpha)
+        outs = [o.unflatten(0, x.shape[:-1]) for o in (y.split(self.sizes, -1) if len(self.sizes) > 1 else [y])]
+        if len(outs) > 1:
+            self._pending = (x, outs[1:])
+        return outs[0]
+
+    def _later(self, i: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        pending = self._pending
+        if pending is not None and pending[0] is x and not args and not kwargs:
+            if i == len(self.modules) - 1:
+                self._pending = None  # (drop the references)
+            return pending[1][i - 1]
+        return type(self.modules[i]).forward(self.modules[i], x, *args, **kwargs)
+
+
+_GROUPS: "weakref.WeakKeyDictionary[torch.nn.Module, list[LoRAGroup]]" = weakref.WeakKeyDictionary()
+
+
+def fused_forwards(decoder: torch.nn.Module) -> dict[torch.nn.Module, Callable]:
+    """Forwards for the attention layers' linears (LoRAGroup): q/k/v together (when all three are LoRA layers, or
+    none is), every other LoRA linear of the attention on its own. Modules of other shapes are not in the dict
+    (they keep their own forward). The groups of an attention layer are made once, so the training step and
+    labeling share one concatenated q/k/v weight."""
+    out: dict[torch.nn.Module, Callable] = {}
+    for attn in decoder.modules():
+        if not all(isinstance(getattr(attn, n, None), torch.nn.Module) for n in QKV):
+            continue
+        if attn not in _GROUPS:
+            qkv = [getattr(attn, n) for n in QKV]
+            together = LoRAGroup.fits(qkv)
+            groups = [LoRAGroup(qkv)] if together else []
+            groups += [LoRAGroup([m]) for name, m in attn.named_children()
+                       if not (together and name in QKV) and hasattr(m, "lora_A") and LoRAGroup.fits([m])]
+            _GROUPS[attn] = groups
+        for group in _GROUPS[attn]:
+            out.update(group.forwards())
+    return out
