@@ -5,8 +5,9 @@ milliseconds per step. GPU only.
 Layers: q/k/v/o of DeepSeek-R1-Distill-Qwen-1.5B's shapes (hidden 1,536, k/v 256, q/k/v biased) as peft LoRA
 r=4 layers over bf16 base weights (dequantize_once), LoRA dropout 0.05, the adapter in bf16 (the step's cast-once);
 between q/k/v and o a stand-in for attention (q plus k and v tiled), so the gradients flow through all four. The
-MLP (intermediate 8,960) torch.compile'd either way, as model.compile_layers runs it. Prints a table and writes
-JSON.
+MLP (intermediate 8,960) torch.compile'd either way, as model.compile_layers runs it. Two experiments swap
+fused.py's `lora_hidden` (dropout + A) for a torch.compile'd one: as a reduction (inductor's RNG in the same
+kernel) or as the same bmm. Prints a table and writes JSON.
 
     python benchmarks/lora_kernels.py --tokens 1800,3600 --out results/gpu/lora_kernels.json
 """
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from finllm_pl.fused import fused_forwards  # noqa: E402
+import finllm_pl.fused as fused_py  # noqa: E402
+from finllm_pl.fused import fused_forwards, lora_hidden  # noqa: E402
 from finllm_pl.graphs import fast_modules  # noqa: E402
 
 H, KV, INTER, LAYERS = 1536, 256, 8960, 28
@@ -61,6 +63,20 @@ def mlp_two(x, gate_up, down):  # gate and up as two matmuls (the model's own ML
 def mlp_one(x, gate_up, down):  # gate and up as one matmul, its output split
     g, u = F.linear(x, gate_up).chunk(2, -1)
     return F.linear(F.silu(g) * u, down)
+
+
+@torch.compile(dynamic=True)
+def hidden_reduction(x2, As, p: float):  # experiment: dropout + A as one reduction kernel (inductor's RNG)
+    A3 = torch.stack(As)  # [n, r, H]
+    dropped = F.dropout(x2.expand(len(As), *x2.shape), p, training=True)
+    h = (dropped[:, :, None, :] * A3[:, None, :, :]).sum(-1, dtype=torch.float32).to(x2.dtype)  # [n, T, r]
+    return h.transpose(0, 1).reshape(x2.shape[0], -1)
+
+
+@torch.compile(dynamic=True)
+def hidden_bmm(x2, As, p: float):  # experiment: the same ops as fused.py, compiled
+    dropped = F.dropout(x2.expand(len(As), *x2.shape), p, training=True)
+    return torch.bmm(dropped, torch.stack(As).transpose(1, 2)).transpose(0, 1).reshape(x2.shape[0], -1)
 
 
 def step(model, x, attn: bool, mlp):
@@ -113,10 +129,15 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "runs": []}
     variants = {"attention, peft": (True, None, {}), "attention, fused.py": (True, None, fused),
                 "MLP, gate/up two matmuls": (False, mlp_two, {}), "MLP, gate/up one matmul": (False, mlp_one, {}),
-                "both, peft + two": (True, mlp_two, {}), "both, fused.py + two": (True, mlp_two, fused)}
+                "both, peft + two": (True, mlp_two, {}), "both, fused.py + two": (True, mlp_two, fused),
+                "attention, fused.py, A reduction compiled": (True, None, fused),
+                "attention, fused.py, A bmm compiled": (True, None, fused)}
     for tokens in (int(t) for t in a.tokens.split(",")):
         x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         for name, (attn, mlp, forwards) in variants.items():
+            fused_py.lora_hidden = {"attention, fused.py, A reduction compiled": hidden_reduction,
+                                    "attention, fused.py, A bmm compiled": hidden_bmm}.get(name, lora_hidden)
+
             def fn():
                 with fast_modules(model, forwards, uncast_lora_input=True, skip_cudnn_attention=False):
                     return step(model, x, attn, mlp)

@@ -72,6 +72,15 @@ def _dropout_p(m: torch.nn.Module, a: str) -> Optional[float]:
     return None  # some other module: peft's forward
 
 
+def lora_hidden(x2: torch.Tensor, As: list[torch.Tensor], p: float) -> torch.Tensor:
+    """[tokens, n * r]: each A applied to its own dropout of x2 [tokens, hidden] (dropout probability p)."""
+    n = len(As)
+    if p == 0:
+        return F.linear(x2, torch.cat(As) if n > 1 else As[0])
+    dropped = F.dropout(x2.expand(n, *x2.shape), p, training=True)  # n independent masks, one kernel
+    return torch.bmm(dropped, torch.stack(As).transpose(1, 2)).transpose(0, 1).reshape(x2.shape[0], -1)
+
+
 class LoRAGroup:
     """Linears of one attention layer that read the same input, computed by the first one's call: its output is
     returned, the others' are kept for their calls (with the very same input tensor) that follow."""
@@ -129,12 +138,8 @@ class LoRAGroup:
         weight, bias = self._weights()
         y = F.linear(x2, weight, bias)
         if lora:
-            p, n = ps[0], len(As)
-            if p > 0:  # n independent dropout masks of x, in one kernel
-                dropped = F.dropout(x2.expand(n, *x2.shape), p, training=True)
-                h = torch.bmm(dropped, torch.stack(As).transpose(1, 2)).transpose(0, 1).reshape(x2.shape[0], -1)
-            else:
-                h = F.linear(x2, torch.cat(As) if n > 1 else As[0])
+            h = lora_hidden(x2, As, ps[0])
+            n = len(As)
             Bs = [m.lora_B[a].weight for m, a in zip(self.modules, adapters)]
             scales = [m.scaling[a] for m, a in zip(self.modules, adapters)]
             alpha = scales[0]  # one scale (the usual): the matmul applies it
