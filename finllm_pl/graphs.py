@@ -22,7 +22,8 @@ and makes the library handles), every later one at once, then replayed for its r
 0.3-0.5 s of each capture: the first epoch 33.2 -> 29.4 s on an H100; an epoch's short last batch is filled up
 to the full rows and adds no shape). All graphs share one memory pool, as they never run at the same time.
 Under bf16 autocast all LoRA weights are cast once per step and the LoRA layers take their bf16 input uncast:
-the same numbers with ~450 fewer copy kernels (14.9 -> 14.4 s).
+the same numbers with ~450 fewer copy kernels (14.9 -> 14.4 s). The attention's LoRA linears run as fused.py's
+forwards (q/k/v as one matmul, LoRA's A's batched, B's matmul adding into the base output): 14.5-14.7 -> 14.0-14.1 s.
 Attention stays off cuDNN (fast_modules): cuDNN compiles and plans its kernels for every new shape, which made
 the first epoch 27.3 s instead of 20.4 s (first step 9.4 vs 4.4 s, later captures 4.8 vs 2.5 s) for epochs
 0.1-0.2 s slower after (14.3 / 13.9 vs 14.4 / 14.1 s; results/gpu/fit_epoch_{cudnn_baseline,nocudnn}.json).
