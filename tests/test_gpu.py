@@ -151,3 +151,53 @@ def test_later_shapes_are_captured_without_an_eager_warm_up_and_a_shape_that_mus
     for b in batches:  # replays
         check(b)
     assert len(passes) == 6
+
+
+def test_packed_rows_run_flash_attentions_bottom_right_causal_mask_with_the_masked_paths_result(monkeypatch):
+    """On CUDA in bf16 the rows of a packed shared-prefix pass attend through flash attention's bottom-right causal
+    mask instead of the explicit causal + padding mask: the same hidden states at the rows' real tokens and the
+    same LoRA gradients of a loss over them (the padding is never supervised)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from finllm_pl import graphs
+    from finllm_pl import model as hf
+    from finllm_pl.data import static_batch
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = hf.add_lora(Qwen2ForCausalLM(config).to("cuda", torch.bfloat16), 4, 8, 0.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    decoder = hf.split_head(model)[0]
+    g = torch.Generator().manual_seed(1)
+    head = torch.randint(1, 97, (12,), generator=g)
+    seqs = [torch.cat([head, torch.randint(1, 97, (n,), generator=g)]) for n in (3, 9, 5, 17)]
+    ids = torch.stack([torch.cat([r, r.new_zeros(29 - len(r))]) for r in seqs])
+    mask = torch.stack([torch.arange(29) < len(r) for r in seqs]).long()
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, :13] = -100  # supervised after the prefix: it is shared
+    st = {k: v.cuda() for k, v in static_batch(ids, mask, labels, shared_prefix=8).items()}
+    assert st["g_pre"].shape == (1, 12)
+    real = st["g_mask"][:, :, 12:].diagonal(dim1=1, dim2=2)  # [rows, S]: a token sees itself iff it is real
+    weights = torch.randn(*st["g_ids"].shape, 128, device="cuda", dtype=torch.bfloat16) * real[..., None]
+    params = [p for p in model.parameters() if p.requires_grad]
+    flash = []
+    check = graphs._flash_rows
+    monkeypatch.setattr(graphs, "_flash_rows", lambda *a: flash.append(check(*a)) or flash[-1])
+
+    def run():
+        hidden = graphs.packed_prefix_hidden(decoder, st, torch.bfloat16)
+        return hidden.float()[real], torch.autograd.grad((hidden * weights).float().sum(), params)
+
+    got, grads = run()
+    assert flash == [True, True]  # both layers' rows ran the flash kernel
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):  # flash off: the explicit mask
+        ref, ref_grads = run()
+    assert flash[2:] == [False, False]
+    torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=3e-2 * b.abs().max(), rtol=5e-2)
