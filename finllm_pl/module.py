@@ -411,14 +411,13 @@ class FinLLM(L.LightningModule):
     def _labeling_modules(self):
         """A context for validation and label scoring: the attention's linears with fewer kernels (fused.py; q/k/v
         as one matmul); LoRA layers take their input uncast under bf16/fp16 autocast (bit-identical, fewer
-        copies); with model.compile_layers, in predict runs, compiled norms and
-        MLPs (dynamic shapes) are in place for jobs of LABEL_COMPILE_MIN_ROWS rows or more (not in validation:
-        its sets are a few hundred or thousand rows, and compiling would cost more than it saves); on
-        CUDA, attention does not use cuDNN's kernel. cuDNN builds an execution plan for each new shape, and
-        every labeling batch has its own (rows x length). On an H100, 52,692 rows in 133 batches of <= 32,768
-        tokens: 2,886 rows/s with cuDNN, 3,077 and 3,242 without (three calls; in 77 batches of <= 65,536 tokens
-        2,920 vs 2,943 in one call; results/gpu/predict_rows_chunks*.json). SDPA's memory-efficient kernel
-        serves the same masks."""
+        copies); with model.compile_layers, in predict runs, compiled norms and MLPs (dynamic shapes) are in place
+        for jobs of LABEL_COMPILE_MIN_ROWS rows or more (not in validation: its sets are a few hundred or thousand
+        rows, and compiling would cost more than it saves); on CUDA, attention does not use cuDNN's kernel. cuDNN
+        builds an execution plan for each new shape, and every labeling batch has its own (rows x length). On an
+        H100, 52,692 rows in 133 batches of <= 32,768 tokens: 2,886 rows/s with cuDNN, 3,077 and 3,242 without
+        (three calls; in 77 batches of <= 65,536 tokens 2,920 vs 2,943 in one call;
+        results/gpu/predict_rows_chunks*.json). SDPA's memory-efficient kernel serves the same masks."""
         decoder = hf.split_head(self.model)[0]
         if self._fused_forwards is None:
             self._fused_forwards = fused_forwards(decoder)
