@@ -167,7 +167,7 @@ class FinLLM(L.LightningModule):
         self._shown: dict[str, float] = {}  # progress bar values of the last step read back
         self.schedule = None
         self._graphed = None  # GraphedLossBackward when model.cuda_graphs
-        self._label_forwards: Optional[dict] = None  # model.compile_layers: compiled forwards for labeling
+        self._label_forwards: Optional[dict] = None  # model.compile_layers: predict's forwards, compiled ones too
         self._fused_forwards: Optional[dict] = None  # the attention's LoRA linears for labeling (finllm_pl/fused.py)
         self._compile_labeling = False  # this predict run uses them (on_predict_epoch_start)
         self._merged = False  # model.merge_for_labeling done
@@ -418,14 +418,13 @@ class FinLLM(L.LightningModule):
         H100, 52,692 rows in 133 batches of <= 32,768 tokens: 2,886 rows/s with cuDNN, 3,077 and 3,242 without
         (three calls; in 77 batches of <= 65,536 tokens 2,920 vs 2,943 in one call;
         results/gpu/predict_rows_chunks*.json). SDPA's memory-efficient kernel serves the same masks."""
-        decoder = hf.split_head(self.model)[0]
         if self._fused_forwards is None:
-            self._fused_forwards = fused_forwards(decoder)
+            self._fused_forwards = fused_forwards(hf.split_head(self.model)[0])
         forwards = self._fused_forwards
         if self._compile_labeling and self.trainer.state.fn == "predict":
-            if self._label_forwards is None:
-                self._label_forwards = compiled_forwards(decoder)
-            forwards = {**forwards, **self._label_forwards}
+            if self._label_forwards is None:  # (made once: this runs for every batch)
+                self._label_forwards = {**forwards, **compiled_forwards(hf.split_head(self.model)[0])}
+            forwards = self._label_forwards
         autocast = torch.is_autocast_enabled(self.device.type)
         low = autocast and torch.get_autocast_dtype(self.device.type) != torch.float32
         with fast_modules(self.model, forwards, uncast_lora_input=low,
