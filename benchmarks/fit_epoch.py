@@ -57,7 +57,7 @@ class EpochClock(Callback):
         self.losses = {k: float(v) for k, v in self.losses.items()}
 
 
-VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<nocomp>_nocomp)?(?P<nocudnn>_nocudnn)?")
+VARIANT = re.compile(r"(?P<mode>eager|graphs)(?:_m(?P<micro>\d+)x(?P<accum>\d+))?(?P<noprefix>_noprefix)?(?P<once>_once)?(?:_w(?P<workers>\d+))?(?:_c(?P<chunk>\d+))?(?P<nocomp>_nocomp)?(?P<fl>_fl)?(?P<nocudnn>_nocudnn)?")
 
 
 class CaptureClock:
@@ -137,9 +137,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="instruction JSONL (the 13,173-row sentiment set)")
     ap.add_argument("--out", default="results/gpu/fit_epoch.json")
     ap.add_argument("--variants", default="eager,graphs",
-                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_c<chunk_tokens>][_nocomp][_nocudnn]: "
+                    help="comma list of (eager|graphs)[_m<micro>x<accumulation>][_noprefix][_once][_w<workers>][_c<chunk_tokens>][_nocomp][_fl][_nocudnn]: "
                          "the config's settings unless a part overrides them (noprefix: data.shared_prefix 0; once: "
-                         "model.dequantize_once; c: model.chunk_tokens; nocomp: model.compile_layers false; nocudnn: cuDNN attention off)")
+                         "model.dequantize_once; c: model.chunk_tokens; nocomp: model.compile_layers false; fl: model.fused_layers true; nocudnn: cuDNN attention off)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs per variant; each is timed (the first captures)")
     ap.add_argument("--limit-batches", type=int, default=None, help="micro-batches per epoch (default: all)")
     ap.add_argument("--profile-steps", type=int, default=0, help="profile this many batches of the last epoch")
@@ -163,6 +163,8 @@ def main(argv=None) -> int:
                 over += ["--model.dequantize_once", "true"]
             if m["nocomp"] or m["mode"] == "eager":  # (compile_layers works inside the CUDA-graph step only)
                 over += ["--model.compile_layers", "false"]
+            if m["fl"]:
+                over += ["--model.fused_layers", "true"]
             if m["chunk"]:
                 over += ["--model.chunk_tokens", m["chunk"]]
             if a.limit_batches:

@@ -40,7 +40,8 @@ VARIANTS = {  # name: overrides of the fast config
     "merge": ["--model.dequantize_once", "true", "--model.merge_for_labeling", "true"],
 }
 # suffixes, in any order after the name: _w<N> (data.num_workers N), _ch<N> (data.predict_chunk_rows N),
-# _tok<N> (data.eval_batch_tokens N), _nocomp (model.compile_layers false), _nocudnn (SDPA without its cuDNN backend)
+# _tok<N> (data.eval_batch_tokens N), _nocomp (model.compile_layers false), _fl (model.fused_layers true),
+# _nocudnn (SDPA without its cuDNN backend)
 
 
 def overrides(name: str) -> tuple[list[str], bool]:
@@ -57,6 +58,8 @@ def overrides(name: str) -> tuple[list[str], bool]:
             args += ["--data.eval_batch_tokens", s[3:]]
         elif s == "nocomp":
             args += ["--model.compile_layers", "false"]
+        elif s == "fl":
+            args += ["--model.fused_layers", "true"]
         elif s == "nocudnn":
             nocudnn = True
         else:
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
                     help="label --data this many times over in one job (a longer job: fixed costs amortised)")
     ap.add_argument("--variants", default="config,merge", help=f"comma list of {', '.join(VARIANTS)}, each optionally "
                     "+ _w<N> (N workers), _ch<N> (chunk rows), _tok<N> (batch tokens), _nocomp (compile_layers off), "
-                    "_nocudnn (SDPA without cuDNN)")
+                    "_fl (fused_layers on), _nocudnn (SDPA without cuDNN)")
     a = ap.parse_args(argv)
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "data": os.path.abspath(a.data),
                "config": "configs/deepseek_r1_distill_qwen_1.5b_fast.yaml", "runs": []}

@@ -33,7 +33,8 @@ The graph computes the summed token loss and the LoRA gradients (`torch.autograd
 A micro-batch of more padded tokens than model.chunk_tokens runs as row chunks (each its own graph shape), so
 micro-batch 32 fits in 11.4 GiB although its longest batches would need 23.9. With model.compile_layers the
 norms' and MLPs' kernels are torch.compile'd ones (fused elementwise work: 17.8 -> 14.9 s per epoch, and the
-first epoch, compiling included, 28.9 -> 25.5 s as every capture has fewer kernels to record).
+first epoch, compiling included, 28.9 -> 25.5 s as every capture has fewer kernels to record). model.fused_layers
+gets the same kernels' speed with nothing to compile (finllm_pl/kernels.py; first epoch 21.2 -> 16.5-16.7 s).
 Off CUDA (tests) the same static computation runs eagerly.
 """
 
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 
 from .errors import ModelError
 from .fused import fused_forwards
+from .kernels import fused_layer_forwards
 from .model import split_head
 from .scoring import _decoder_call, attention_mask_4d, mask_dtype
 
@@ -155,9 +157,10 @@ def row_chunks(rows: int, length: int, max_tokens: Optional[int]) -> list[slice]
     return [slice(s, min(s + per, rows)) for s in range(0, rows, per)]
 
 
-def compiled_forwards(decoder) -> dict[torch.nn.Module, Any]:
-    """torch.compile'd forwards for each decoder layer's norms and MLP: the step's largest elementwise work
-    (fp32 casts, mean, rsqrt, scale; SiLU and product over the 8,960-wide activations) fused into a few kernels.
+def compiled_forwards(decoder, skip=()) -> dict[torch.nn.Module, Any]:
+    """torch.compile'd forwards for each decoder layer's norms and MLP (but those in `skip`: kernels.py's fused
+    ones): the step's largest elementwise work (fp32 casts, mean, rsqrt, scale; SiLU and product over the
+    8,960-wide activations) fused into a few kernels.
     One compiled function per class, bound to every instance: the 28 layers share its graphs (4-5 in all).
     The LoRA linears are left alone: compiling them too made ~20 more graphs (+65 s) for no measurable gain
     (14.9 s steady either way, results/gpu/fit_epoch_packed.json vs fit_epoch_compile_norms_mlps.json)."""
@@ -166,7 +169,7 @@ def compiled_forwards(decoder) -> dict[torch.nn.Module, Any]:
     for layer in decoder.layers:
         for m in layer.modules():
             norm = "RMSNorm" in type(m).__name__ or isinstance(m, torch.nn.LayerNorm)
-            if norm or m is getattr(layer, "mlp", None):
+            if (norm or m is getattr(layer, "mlp", None)) and m not in skip:
                 if type(m) not in by_class:
                     by_class[type(m)] = _per_token(torch.compile(type(m).forward, dynamic=True))
                 out[m] = types.MethodType(by_class[type(m)], m)
@@ -213,15 +216,17 @@ class GraphedLossBackward:
     """`(loss_sum, n_supervised)` of a static micro-batch, its LoRA gradients added into `p.grad`."""
 
     def __init__(self, model, compute_dtype: torch.dtype, use_graphs: bool, max_tokens: Optional[int] = None,
-                 compile_layers: bool = False):
+                 compile_layers: bool = False, fused_layers: bool = False):
         self.model = model
         self.max_tokens = max_tokens  # model.chunk_tokens: longer micro-batches run as row chunks
         self.decoder, self.head, _ = split_head(model)
-        # The attention's LoRA linears with fewer kernels (finllm_pl/fused.py) and (model.compile_layers) compiled
-        # norms and MLPs: forwards put in place only while this step runs (or is captured); predict runs compile
-        # their own (FinLLM._labeling_modules)
-        self.compiled = compiled_forwards(self.decoder) if compile_layers else {}
-        self.forwards = {**fused_forwards(self.decoder), **self.compiled}
+        # The attention's LoRA linears with fewer kernels (finllm_pl/fused.py), (model.fused_layers) norms and MLPs
+        # in fused kernels that need no compiling (kernels.py) and (model.compile_layers) the other norms and MLPs
+        # compiled: forwards put in place only while this step runs (or is captured); labeling makes its own
+        # (FinLLM._labeling_modules)
+        self.fused_layers = fused_layer_forwards(self.decoder) if fused_layers else {}
+        self.compiled = compiled_forwards(self.decoder, skip=self.fused_layers) if compile_layers else {}
+        self.forwards = {**fused_forwards(self.decoder), **self.fused_layers, **self.compiled}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = compute_dtype
         # Under autocast every LoRA matmul casts its fp32 weight to bf16 (and its gradient back): 448 small copy

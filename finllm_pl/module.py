@@ -32,6 +32,7 @@ from .callbacks import check_adapter_matches
 from .errors import ConfigError, FinLLMError, ModelError
 from .fused import fused_forwards
 from .graphs import GraphedLossBackward, compiled_forwards, fast_modules, row_chunks
+from .kernels import fused_layer_forwards
 from .metrics import label_metrics, summarize
 from .prompts import DEFAULT_LABELS
 from .schedule import WarmupOverflow, resolve_schedule
@@ -76,6 +77,7 @@ class FinLLM(L.LightningModule):
         chunk_tokens: Optional[int] = None,
         cuda_graphs: bool = False,
         compile_layers: bool = False,
+        fused_layers: bool = False,
         dequantize_once: bool = False,
         merge_for_labeling: bool = False,
         max_nonfinite_steps: int = 5,
@@ -118,7 +120,14 @@ class FinLLM(L.LightningModule):
                 layer). Needs cuda_graphs. On an H100: epochs 28.9 / 17.8 -> 25.5 / 14.9 s (first / later; the
                 first compiles); predict 2,306 -> 2,713 rows/s once compiled (each process compiles first: ~4-10 s
                 on a new machine, ~3-4 s where torch's disk cache has the kernels), so predict compiles only for
-                jobs of LABEL_COMPILE_MIN_ROWS (50,000) rows or more per process.
+                jobs of LABEL_COMPILE_MIN_ROWS (50,000) rows or more per process. With fused_layers, only the
+                norms and MLPs it does not cover are compiled.
+            fused_layers: run RMSNorms as torch's fused rms_norm and SiLU-gated MLPs' `silu(gate) * up` as one
+                kernel each way (finllm_pl/kernels.py), in training and label scoring, with nothing to compile:
+                as fast as compile_layers' kernels without its ~5 s of compiling in each new process (H100, fast
+                config: first epoch 21.2 -> 16.5-16.7 s, later 13.3 s either way; predict 13,173 rows 2,407 ->
+                2,705-2,780 rows/s). Norm and MLP classes that compute something else keep their own forward.
+                Same results up to float rounding.
             dequantize_once: keep the 4-bit base dequantized (in compute dtype) for the whole run instead of
                 dequantizing every layer at every forward and backward: the same weights and results, fewer GPU
                 kernels per step, +2 bytes per base weight of memory (2.6 GB for the 1.5B model).
@@ -167,9 +176,9 @@ class FinLLM(L.LightningModule):
         self._shown: dict[str, float] = {}  # progress bar values of the last step read back
         self.schedule = None
         self._graphed = None  # GraphedLossBackward when model.cuda_graphs
-        self._label_forwards: Optional[dict] = None  # model.compile_layers: predict's forwards, compiled ones too
-        self._fused_forwards: Optional[dict] = None  # the attention's LoRA linears for labeling (finllm_pl/fused.py)
-        self._compile_labeling = False  # this predict run uses them (on_predict_epoch_start)
+        self._label_forwards: Optional[dict] = None  # predict's forwards with compiled ones (on_predict_epoch_start)
+        self._fused_forwards: Optional[dict] = None  # labeling's: fused.py's linears (+ kernels.py's norms and MLPs)
+        self._train_forwards: Optional[dict] = None  # model.fused_layers in the eager training step
         self._merged = False  # model.merge_for_labeling done
 
     # -- model -------------------------------------------------------------------------------------------
@@ -207,6 +216,11 @@ class FinLLM(L.LightningModule):
         fitting = self._trainer is None or self.trainer.state.fn == "fit"  # validate/predict never capture
         if hp.cuda_graphs and fitting:
             self._graphed = self._make_graphed(model, dtype, device)
+        elif hp.fused_layers and fitting:
+            self._train_forwards = fused_layer_forwards(hf.split_head(model)[0])
+        if hp.fused_layers and fitting and not (self._graphed.fused_layers if self._graphed else self._train_forwards):
+            rank_zero_warn("model.fused_layers: none of this model's norms or MLPs computes what finllm_pl/kernels.py "
+                           "fuses (an RMSNorm, a SiLU-gated MLP); they run their own forwards")
         self.metrics = label_metrics(len(hp.labels)).to(device)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rank_zero_info(f"model {hp.model_name_or_path}: {n_train:,} trainable parameters, "
@@ -227,7 +241,7 @@ class FinLLM(L.LightningModule):
             rank_zero_warn("model.cuda_graphs: no CUDA device, so the fixed-shape training step runs eagerly "
                            "(same results, no speed-up)")
         return GraphedLossBackward(model, dtype, use_graphs=device.type == "cuda", max_tokens=hp.chunk_tokens,
-                                   compile_layers=hp.compile_layers)
+                                   compile_layers=hp.compile_layers, fused_layers=hp.fused_layers)
 
     def trainable_keys(self) -> set[str]:
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
@@ -282,8 +296,10 @@ class FinLLM(L.LightningModule):
             parts = row_chunks(*ids.shape, self.hparams.chunk_tokens)
             loss = n = 0
             for i, part in enumerate(parts):
-                # no DDP all-reduce until the window's last backward
-                with opt.toggle_model(sync_grad=boundary and i == len(parts) - 1):
+                # no DDP all-reduce until the window's last backward; backward inside fast_modules too, as
+                # gradient checkpointing runs the forwards again there
+                with opt.toggle_model(sync_grad=boundary and i == len(parts) - 1), \
+                        fast_modules(self.model, self._train_forwards or {}, False, False):
                     part_loss, part_n = loss_sum(self.model, ids[part], mask[part], labels[part])
                     self.manual_backward(part_loss)
                 loss, n = loss + part_loss.detach(), n + part_n
@@ -398,32 +414,45 @@ class FinLLM(L.LightningModule):
     def on_predict_epoch_start(self) -> None:
         self._merge_for_labeling()
         self._prefix_memo = {}
-        self._compile_labeling = self.hparams.compile_layers
+        self._label_forwards = None
+        # (model.fused_layers may leave nothing to compile)
+        compiled = compiled_forwards(self._labeling_decoder(), skip=self._fused_forwards) if (
+            self.hparams.compile_layers) else {}
         path = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("predict_path")
-        if self._compile_labeling and path and os.path.isfile(path):
+        if compiled and path and os.path.isfile(path):
             rows = _count_lines(path) // self.trainer.world_size  # (every input format is line-based)
             if rows < LABEL_COMPILE_MIN_ROWS:
-                self._compile_labeling = False
+                compiled = {}
                 rank_zero_info(f"model.compile_layers: not compiling for ~{rows:,} rows to label per process "
                                f"(it pays from ~{LABEL_COMPILE_MIN_ROWS:,})")
+        if compiled:
+            self._label_forwards = {**self._fused_forwards, **compiled}
+
+    def _labeling_decoder(self):
+        """The decoder, its labeling forwards made the first time (fused.py's linears, model.fused_layers' norms
+        and MLPs)."""
+        decoder = hf.split_head(self.model)[0]
+        if self._fused_forwards is None:
+            layers = fused_layer_forwards(decoder) if self.hparams.fused_layers else {}
+            self._fused_forwards = {**fused_forwards(decoder), **layers}
+        return decoder
 
     @contextmanager
     def _labeling_modules(self):
         """A context for validation and label scoring: the attention's linears with fewer kernels (fused.py; q/k/v
         as one matmul); LoRA layers take their input uncast under bf16/fp16 autocast (bit-identical, fewer
-        copies); with model.compile_layers, in predict runs, compiled norms and MLPs (dynamic shapes) are in place
-        for jobs of LABEL_COMPILE_MIN_ROWS rows or more (not in validation: its sets are a few hundred or thousand
+        copies); with model.fused_layers, norms and MLPs in fused kernels (kernels.py); with model.compile_layers, in
+        predict runs, compiled norms and MLPs (dynamic shapes; those fused_layers leaves) are in place for jobs of
+        LABEL_COMPILE_MIN_ROWS rows or more (not in validation: its sets are a few hundred or thousand
         rows, and compiling would cost more than it saves); on CUDA, attention does not use cuDNN's kernel. cuDNN
         builds an execution plan for each new shape, and every labeling batch has its own (rows x length). On an
         H100, 52,692 rows in 133 batches of <= 32,768 tokens: 2,886 rows/s with cuDNN, 3,077 and 3,242 without
         (three calls; in 77 batches of <= 65,536 tokens 2,920 vs 2,943 in one call;
         results/gpu/predict_rows_chunks*.json). SDPA's memory-efficient kernel serves the same masks."""
         if self._fused_forwards is None:
-            self._fused_forwards = fused_forwards(hf.split_head(self.model)[0])
+            self._labeling_decoder()
         forwards = self._fused_forwards
-        if self._compile_labeling and self.trainer.state.fn == "predict":
-            if self._label_forwards is None:  # (made once: this runs for every batch)
-                self._label_forwards = {**forwards, **compiled_forwards(hf.split_head(self.model)[0])}
+        if self._label_forwards is not None and self.trainer.state.fn == "predict":  # (set by predict runs only)
             forwards = self._label_forwards
         autocast = torch.is_autocast_enabled(self.device.type)
         low = autocast and torch.get_autocast_dtype(self.device.type) != torch.float32

@@ -71,7 +71,9 @@ def test_cuda_graphs_fit_follows_the_eager_fit(workdir, tiny_dir):
     variants = {"eager": ["--model.cuda_graphs", "false"], "graphs": ["--model.cuda_graphs", "true"],
                 # row chunks of <= 100 padded tokens, each its own captured shape, with torch.compile'd kernels
                 "chunked_compiled": ["--model.cuda_graphs", "true", "--model.chunk_tokens", "100",
-                                     "--model.compile_layers", "true"]}
+                                     "--model.compile_layers", "true"],
+                # norms and MLPs in kernels.py's fused kernels (jiterator's compiled at the warm-up, then captured)
+                "graphs_fused": ["--model.cuda_graphs", "true", "--model.fused_layers", "true"]}
     for name, extra in variants.items():
         losses = _StepLosses()
         cli = cli_main([*args, *extra, "--checkpoint.dirpath", f"ck_{name}"], run=False)
@@ -79,13 +81,15 @@ def test_cuda_graphs_fit_follows_the_eager_fit(workdir, tiny_dir):
         cli.trainer.fit(cli.model, cli.datamodule)
         runs[name] = (losses.by_step, cli)
     eager = runs["eager"][0]
-    for name in ("graphs", "chunked_compiled"):
+    for name in ("graphs", "chunked_compiled", "graphs_fused"):
         graphed, g = runs[name][0], runs[name][1].model._graphed
         assert g is not None and g.use_graphs and len(g.graphs) >= 2  # really captured, more than one shape
         assert all(rows_len_keys[2] > rows_len_keys[1] for (rows_len_keys, _) in g.graphs)  # with the shared prefix
         assert eager.keys() == graphed.keys() and len(eager) >= 4
         for step in eager:
             assert graphed[step] == pytest.approx(eager[step], rel=2e-2), (name, step, eager, graphed)
+    fused = {type(m).__name__ for m in runs["graphs_fused"][1].model._graphed.forwards}
+    assert {"Qwen2RMSNorm", "Qwen2MLP"} <= fused and not runs["graphs_fused"][1].model._graphed.compiled
     chunk_rows = {rows for ((rows, _, _), _) in runs["chunked_compiled"][1].model._graphed.graphs}
     assert max(chunk_rows) < 4 and runs["chunked_compiled"][1].model._graphed.compiled  # 4-row batches were split
 
@@ -104,11 +108,13 @@ def test_gpu_labels_match_cpu_labels(workdir, monkeypatch):
 
     monkeypatch.setattr(module, "LABEL_COMPILE_MIN_ROWS", 0)  # compile even for this small job
     rows = {}
-    for name, acc, extra in (("cpu", "cpu", []), ("gpu", "gpu", []), ("gpu_fast", "gpu", fast)):
+    fused = [*fast, "--model.fused_layers", "true"]  # kernels.py's norms and MLPs: nothing left to compile
+    for name, acc, extra in (("cpu", "cpu", []), ("gpu", "gpu", []), ("gpu_fast", "gpu", fast),
+                             ("gpu_fused", "gpu", fused)):
         cli_main([*args, "--trainer.accelerator", acc, "--data.predict_output", f"{name}.jsonl", *extra])
         rows[name] = [json.loads(line) for line in Path(f"{name}.jsonl").read_text().splitlines()]
     n_in = sum(1 for line in Path("data/sample.jsonl").read_text().splitlines() if line.strip())
-    for name in ("gpu", "gpu_fast"):
+    for name in ("gpu", "gpu_fast", "gpu_fused"):
         assert len(rows[name]) == len(rows["cpu"]) == n_in
         for a, b in zip(rows["cpu"], rows[name]):
             assert a["id"] == b["id"] and a["label"] == b["label"], (name, a, b)
@@ -201,3 +207,49 @@ def test_packed_rows_run_flash_attentions_bottom_right_causal_mask_with_the_mask
     torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=3e-2 * b.abs().max(), rtol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_mul_kernel_rounds_as_eager_torch_also_replayed_from_a_cuda_graph(dtype):
+    """kernels.silu_mul (jiterator): forward and both gradients bit for bit eager torch's `F.silu(g) * u` (which
+    rounds silu's output and the product's gradient to bf16), on a ragged size and a transposed gradient, and the
+    same again replayed from a CUDA graph."""
+    from finllm_pl.kernels import silu_mul
+
+    torch.manual_seed(0)
+    g, u = (torch.randn(1000, 4099, device="cuda", dtype=dtype) * 4 for _ in range(2))
+    dp = (torch.randn(4099, 1000, device="cuda", dtype=dtype) * 4).t()  # not contiguous
+
+    def run(fn, g, u, dp):
+        g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
+        out = fn(g, u)
+        return (out.detach(), *torch.autograd.grad(out, (g, u), dp))
+
+    ref = run(lambda g, u: torch.nn.functional.silu(g) * u, g, u, dp)
+    got = run(silu_mul, g, u, dp)
+    for name, a, b in zip(("out", "d_gate", "d_up"), got, ref):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b), (name, (a.float() - b.float()).abs().max())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(silu_mul, g, u, dp)
+    g.mul_(-1)  # new inputs in the graph's buffers
+    graph.replay()
+    ref = run(lambda g, u: torch.nn.functional.silu(g) * u, g, u, dp)
+    assert all(torch.equal(a, b) for a, b in zip(captured, ref))
+
+
+def test_fused_norms_keep_the_input_dtype_under_autocast():
+    """CUDA autocast runs rms_norm in fp32 with an fp32 output; HF's norms return the input's dtype, and so must
+    kernels.py's (else every norm adds casts and fp32 activations)."""
+    from test_kernels import _tiny
+
+    from finllm_pl.kernels import fused_layer_forwards
+
+    decoder = _tiny("qwen2").model.cuda().to(torch.bfloat16)
+    forwards = fused_layer_forwards(decoder)
+    x = torch.randn(3, 5, 32, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for m in (decoder.layers[0].input_layernorm, decoder.layers[0].mlp):
+            ref, got = m(x), forwards[m](x)
+            assert got.dtype == ref.dtype == torch.bfloat16
+            torch.testing.assert_close(got, ref)

@@ -1,0 +1,125 @@
+"""finllm_pl/kernels.py: which norms and MLPs take the fused route, and that it computes what they compute."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from test_training import FAST, Losses, _adapter, _assert_trains_alike, _run
+from torch.cuda.jiterator import _CodeParser
+
+from finllm_pl import kernels
+from finllm_pl.kernels import fused_layer_forwards
+
+
+def _tiny(arch: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(arch, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=100, head_dim=8, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    for name, p in model.named_parameters():
+        if "norm" in name:  # (initialised to ones: a weight that differs per channel tests more)
+            p.data.normal_(1, 0.3)
+    return model
+
+
+@contextmanager
+def _default_dtype(dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+class OffsetRMSNorm(torch.nn.Module):
+    """Gemma-style: scales by (1 + weight), not weight."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.variance_epsilon = torch.nn.Parameter(torch.zeros(n)), 1e-6
+
+    def forward(self, x):
+        return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_rms_norms_and_silu_gated_mlps_take_the_fused_route(arch):
+    decoder = _tiny(arch).model
+    kernels.rms_norm_class.cache_clear()
+    # under another default device and dtype, as Lightning's configure_model runs (the probes pin theirs)
+    with torch.device("meta"), _default_dtype(torch.float64):
+        forwards = fused_layer_forwards(decoder)
+    expected = [m for layer in decoder.layers for m in (layer.input_layernorm, layer.post_attention_layernorm,
+                                                        layer.mlp)] + [decoder.norm]
+    assert set(forwards) == set(expected) and len(forwards) == 7
+
+
+def test_other_norms_and_activations_keep_their_own_forward():
+    gemma = _tiny("gemma").model  # (1 + weight) norms, GELU-tanh MLPs
+    assert fused_layer_forwards(gemma) == {}
+    gelu = _tiny("llama", hidden_act="gelu").model  # LlamaMLP's class, another activation
+    kinds = {type(m).__name__ for m in fused_layer_forwards(gelu)}
+    assert kinds == {"LlamaRMSNorm"}
+    odd = _tiny("qwen2").model
+    odd.layers[0].input_layernorm = OffsetRMSNorm(32)
+    assert odd.layers[0].input_layernorm not in fused_layer_forwards(odd)
+    assert len(fused_layer_forwards(odd)) == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_forwards_compute_the_modules_results(dtype):
+    decoder = _tiny("qwen2").model.to(dtype)
+    forwards = fused_layer_forwards(decoder)
+    layer = decoder.layers[1]
+    x = (torch.randn(3, 5, 32) * 4).to(dtype).requires_grad_()
+    for m in (layer.input_layernorm, layer.mlp):
+        ref = m(x)
+        (ref_grad,) = torch.autograd.grad(ref.float().pow(2).sum(), x)
+        got = forwards[m](x)
+        (grad,) = torch.autograd.grad(got.float().pow(2).sum(), x)
+        assert got.dtype == ref.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+        else:  # the fused norm rounds once where HF's rounds twice: one bf16 step apart at most
+            ulp = 2.0 ** (torch.frexp(ref.float().abs())[1] - 8).float()
+            assert ((got.float() - ref.float()).abs() <= ulp).all()
+    # a norm called with another dtype than its weight runs its own forward (HF promotes; rms_norm would not)
+    n = layer.input_layernorm
+    y = torch.randn(2, 32, dtype=torch.float64 if dtype == torch.float32 else torch.float32)
+    assert forwards[n](y).dtype == n(y).dtype
+
+
+def test_the_jiterator_kernels_are_code_jiterator_reads():
+    for dtype, rounding in kernels._ROUND.items():
+        fwd = _CodeParser(kernels._SILU_MUL.replace("ROUND", rounding))
+        bwd = _CodeParser(kernels._SILU_MUL_BACKWARD.replace("ROUND", rounding))
+        assert (fwd.function_name, bwd.function_name, bwd.return_type) == ("silu_mul", "silu_mul_backward", "void")
+    assert kernels._ROUND[torch.float32] == "v"  # no rounding of fp32 intermediates
+
+
+def test_silu_mul_off_cuda_is_eager_torch():
+    g, u = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    assert torch.equal(kernels.silu_mul(g, u), torch.nn.functional.silu(g) * u)
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["static_step", "eager_step"])
+def test_fused_layers_train_like_the_modules_own_forwards(workdir, graphs, monkeypatch):
+    """model.fused_layers in the CUDA-graph (here: static, eager on CPU) step and in the plain eager step: the
+    same losses and adapter as without it, with F.rms_norm really called."""
+    calls = []
+    rms_norm = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: (calls.append(1), rms_norm(*a, **k))[1])
+    args = FAST + ["--model.lora_dropout", "0", "--trainer.max_epochs", "1", "--model.cuda_graphs", str(graphs).lower()]
+    ref_losses, losses = Losses(), Losses()
+    ref = _adapter(_run(args, [ref_losses]))
+    assert not calls
+    cli = _run(args + ["--model.fused_layers", "true", "--checkpoint.dirpath", "ck_fused"], [losses])
+    assert len(calls) > 0
+    forwards = cli.model._graphed.forwards if graphs else cli.model._train_forwards
+    assert {type(m).__name__ for m in forwards} >= {"Qwen2RMSNorm", "Qwen2MLP"}
+    assert not any("forward" in vars(m) for m in forwards)  # the plain forwards are back after each step
+    _assert_trains_alike(ref_losses, ref, losses, cli)
