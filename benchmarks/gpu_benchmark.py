@@ -41,7 +41,7 @@ def steps(a) -> dict[str, list[str]]:
         "baseline": ["gpu_throughput.py", *common, "--variants", "baseline,generate_b64", "--label-jobs", "generate_b64",
                      "--baseline-steps", str(a.baseline_steps)],
         "equal": ["fit_epoch.py", *common, "--variants", "eager,graphs", "--limit-batches", str(a.equal_steps)],
-        "fast": ["fit_epoch.py", *common, "--variants", "graphs", "--epochs", "2"],
+        "fast": ["fit_epoch.py", *common, "--variants", "graphs", "--epochs", "2", "--no-capture-clock"],
         "predict": ["predict_rows.py", *common, "--variants", "config", "--repeat", "1"],
         "predict_x12": ["predict_rows.py", *common, "--variants", "config", "--repeat", "12"],
     }
@@ -52,7 +52,9 @@ def run_step(name: str, cmd: list[str], folder: Path) -> dict:
     out = folder / f"{name}.json"
     log = folder / f"{name}.log"
     with tempfile.TemporaryDirectory(prefix=f"finllm_inductor_{name}_") as cache, open(log, "w") as f:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        # empty caches of every compiler: inductor's, Triton's, and torch's NVRTC kernels (jiterator: kernels.py)
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=f"{cache}/triton",
+                   PYTORCH_KERNEL_CACHE_PATH=f"{cache}/kernels")
         t0 = time.perf_counter()
         rc = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:], "--out", str(out)], env=env, stdout=f,
                             stderr=subprocess.STDOUT).returncode

@@ -28,8 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
 
-from finllm_pl.__main__ import cli_main  # noqa: E402
+from finllm_pl.__main__ import FinLLMCLI, cli_main  # noqa: E402
 from finllm_pl.assets import build_random_qwen_1_5b  # noqa: E402
 from finllm_pl.predict import PredictionWriter  # noqa: E402
 from fit_epoch import write_results  # noqa: E402  (benchmarks/ is on the path: the script's folder)
@@ -67,6 +68,44 @@ def overrides(name: str) -> tuple[list[str], bool]:
     return args, nocudnn
 
 
+class PredictProfiler(Callback):
+    """torch.profiler over the predict loop (first batch to last): GPU busy fraction, top kernels and host ops
+    (gpu_throughput.summarize_profile), and the GPU's longest idle gaps (where the wall time goes)."""
+
+    def __init__(self):
+        self.prof, self.t0, self.result = None, None, None
+
+    def on_predict_epoch_start(self, trainer, pl_module):
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self.prof.start()
+        self.t0 = time.perf_counter()
+
+    def on_predict_epoch_end(self, trainer, pl_module):
+        from torch.autograd import DeviceType
+
+        from gpu_throughput import summarize_profile
+
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.stop()
+        self.result = summarize_profile(self.prof, wall)
+        spans = sorted((e.time_range.start, e.time_range.end) for e in self.prof.events()
+                       if e.device_type == DeviceType.CUDA)
+        gaps, end = [], spans[0][0] if spans else 0
+        for st, en in spans:
+            if st > end:
+                gaps.append((st - end, end - spans[0][0]))
+            end = max(end, en)
+        self.result["gpu_gaps_over_2ms"] = {"count": sum(g > 2000 for g, _ in gaps),
+                                            "total_ms": sum(g for g, _ in gaps if g > 2000) / 1e3,
+                                            "largest": [{"ms": g / 1e3, "at_ms": at / 1e3}
+                                                        for g, at in sorted(gaps, reverse=True)[:12]]}
+        self.prof = None
+
+
 def make_adapter(model_dir: Path, out: Path) -> Path:
     from finllm_pl import model as hf
 
@@ -90,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/gpu/predict_rows.json")
     ap.add_argument("--repeat", type=int, default=1,
                     help="label --data this many times over in one job (a longer job: fixed costs amortised)")
+    ap.add_argument("--profile", action="store_true", help="profile each predict loop (slows it; for where time goes)")
     ap.add_argument("--variants", default="config,merge", help=f"comma list of {', '.join(VARIANTS)}, each optionally "
                     "+ _w<N> (N workers), _ch<N> (chunk rows), _tok<N> (batch tokens), _nocomp (compile_layers off), "
                     "_fl (fused_layers on), _nocudnn (SDPA without cuDNN)")
@@ -110,16 +150,28 @@ def main(argv=None) -> int:
             torch.backends.cuda.enable_cudnn_sdp(not nocudnn)  # _nocudnn: SDPA without its cuDNN backend
             out = Path(tmp) / f"{name}.jsonl"
             torch.cuda.reset_peak_memory_stats()
-            cli = cli_main(["predict", "--config", results["config"], "--model.model_name_or_path", str(model_dir),
-                            "--ckpt_path", str(adapter), "--data.predict_path", data,
-                            "--data.predict_output", str(out), "--trainer.logger", "false",
-                            "--trainer.enable_progress_bar", "false", *extra])
+            args = ["predict", "--config", results["config"], "--model.model_name_or_path", str(model_dir),
+                    "--ckpt_path", str(adapter), "--data.predict_path", data, "--data.predict_output", str(out),
+                    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *extra]
+            prof = PredictProfiler()
+            before = FinLLMCLI.before_predict
+            if a.profile:  # the CLI's own predict run, with the profiler among its callbacks
+                FinLLMCLI.before_predict = lambda cli: (before(cli), cli.trainer.callbacks.append(prof))
+            try:
+                cli = cli_main(args)
+            finally:
+                FinLLMCLI.before_predict = before
             writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
             rows = [json.loads(line) for line in out.read_text().splitlines()]
             labels[name] = [r["label"] for r in rows]
             first = next(iter(labels))
             run = {"variant": name, "overrides": extra + (["(cuDNN attention off)"] if nocudnn else []), "rows": len(rows), **writer.speed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "label_agreement": sum(x == y for x, y in zip(labels[first], labels[name])) / len(rows)}
+            if prof.result is not None:
+                from gpu_throughput import profile_text
+
+                run["profile"] = prof.result
+                print(profile_text(name, prof.result), "\n", json.dumps(prof.result["gpu_gaps_over_2ms"]), flush=True)
             results["runs"].append(run)
             write_results(a.out, results)  # (again after every variant: a run cut short keeps what it measured)
             print(f"{name}: {run['rows']} rows in {run['seconds']:.2f} s = {run['rows_s']:,.0f} rows/s (first batch "
