@@ -3,15 +3,16 @@
 Model: the DeepSeek-R1-Distill-Qwen-1.5B architecture with random weights, NF4 + LoRA r=4 on q/k/v/o, loaded
 through the project's own path; data: the 13,173-row sentiment set tokenized by the project (--tokenizer: any
 tokenizer folder; the table says how many tokens a row has). Each step runs in its own process with its own empty
-torch.compile cache, as on a machine that never compiled before, so no step warms another up:
+compile caches (inductor, Triton, torch's NVRTC kernels), as on a machine that never compiled before, so no step
+warms another up:
 
 1. baseline: the tutorial recipe (prepare_model_for_kbit_training with gradient checkpointing, micro-batch 4 x
    accumulation 8, bf16 autocast, full-vocabulary loss, no length grouping), a few optimizer steps extrapolated
    to an epoch; and labeling by `generate` (gpu_throughput.py).
-2. equal: the project's eager step against the fast step (CUDA graphs, compiled norms/MLPs, shared prefix) on the
+2. equal: the project's eager step against the fast step (CUDA graphs, fused norms/MLPs, shared prefix) on the
    same first batches of the same run: per-step losses (fit_epoch.py --variants eager,graphs).
 3. fast: two real epochs of configs/deepseek_r1_distill_qwen_1.5b_fast.yaml through the CLI (fit_epoch.py); the
-   first includes compiling and capturing the CUDA graphs.
+   first includes every one-time cost (compiling kernels, capturing the CUDA graphs).
 4. predict: the whole `predict` job of the fast config on the set, and on the set 12 times over (predict_rows.py):
    rows/s from the first batch, the wait for that batch, and the two together.
 
@@ -48,7 +49,7 @@ def steps(a) -> dict[str, list[str]]:
 
 
 def run_step(name: str, cmd: list[str], folder: Path) -> dict:
-    """Runs one step in a fresh process with an empty compile cache; its JSON results (or the error)."""
+    """Runs one step in a fresh process with empty compile caches; its JSON results (or the error)."""
     out = folder / f"{name}.json"
     log = folder / f"{name}.log"
     with tempfile.TemporaryDirectory(prefix=f"finllm_inductor_{name}_") as cache, open(log, "w") as f:
@@ -83,7 +84,7 @@ def tables(res: dict) -> list[str]:
         first, later = fast["epochs_s"][0], fast["epochs_s"][-1]
         sup = fast.get("supervised_per_epoch")
         ratio = (lambda s: f"{base['s_per_epoch'] / s:.0f}") if base and "s_per_epoch" in base else (lambda s: "-")
-        lines.append(f"| fast config (micro 32, CUDA graphs, compiled norms/MLPs, shared prefix; 2 real epochs) | "
+        lines.append(f"| fast config (micro 32, CUDA graphs, fused norms/MLPs, shared prefix; 2 real epochs) | "
                      f"{first:.1f} | {later:.1f} | {fast['tokens_per_epoch'] / later:,.0f} | "
                      f"{'-' if sup is None else format(sup / later, ',.0f')} | {fast['peak_gib']:.2f} | "
                      f"{ratio(first)} | {ratio(later)} |")

@@ -102,8 +102,8 @@ def _eps(m: torch.nn.Module) -> Optional[float]:
 def _norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != self.weight.dtype:  # (HF's returns the promoted dtype; F.rms_norm wants one dtype)
         return type(self).forward(self, x)
-    # not under autocast, which runs rms_norm in fp32 with an fp32 output (HF's norm returns the input's dtype): on
-    # CUDA that made two more casts per norm and fp32 activations, later epochs 13.3 -> 16.2 s, peak 8.9 -> 11.1 GiB
+    # not under autocast: CUDA's lists rms_norm among its fp32 ops (an fp32 output, so casts and fp32 activations
+    # after every norm), where HF's norm returns the input's dtype (tests/test_gpu.py checks it)
     with torch.autocast(x.device.type, enabled=False):
         return F.rms_norm(x, self.weight.shape, self.weight, _eps(self))
 
