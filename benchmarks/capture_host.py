@@ -8,64 +8,81 @@ later shapes without torch.cuda.graph's sync + empty_cache) changed nothing meas
 (results/gpu/fit_epoch_capture_host_experiment.json).
 
     python benchmarks/capture_host.py > capture_host.txt
+
+results/gpu/capture_host.txt is the output of call 8, from a draft of this script that printed the same
+measurements under other keys.
 """
-import cProfile, io, json, pstats, sys, time
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
-from finllm_pl import model as hf
-from finllm_pl.assets import QWEN_1_5B
-from finllm_pl.data import static_batch
-from finllm_pl.graphs import GraphedLossBackward
 
-torch.manual_seed(0)
-with torch.device("cuda"):
-    model = Qwen2ForCausalLM._from_config(Qwen2Config(**QWEN_1_5B), dtype=torch.bfloat16, attn_implementation="sdpa")
-model = hf.add_lora(model, 4, 8, 0.05, ["q_proj", "k_proj", "v_proj", "o_proj"])
-model.train()
-g = GraphedLossBackward(model, torch.bfloat16, use_graphs=True, fused_layers=True)
+import torch  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from finllm_pl import model as hf  # noqa: E402
+from finllm_pl.assets import QWEN_1_5B  # noqa: E402
+from finllm_pl.data import static_batch  # noqa: E402
+from finllm_pl.graphs import GraphedLossBackward  # noqa: E402
 
 
-def batch(length, rows=32, prefix=45):
+def batch(length: int, rows: int = 32, prefix: int = 45) -> dict[str, torch.Tensor]:
+    """A static micro-batch (on the GPU) of `rows` rows: a shared `prefix`, then `length` tokens each."""
     gen = torch.Generator().manual_seed(length)
     head = torch.randint(100, 1000, (prefix,), generator=gen)
     ids = torch.cat([head.expand(rows, -1), torch.randint(100, 1000, (rows, length), generator=gen)], 1)
-    mask = torch.ones_like(ids)
     labels = torch.full_like(ids, -100)
     labels[:, -2:] = ids[:, -2:]
-    st = static_batch(ids, mask, labels, shared_prefix=8, rows=rows)
+    st = static_batch(ids, torch.ones_like(ids), labels, shared_prefix=8, rows=rows)
     return {k: v.cuda() for k, v in st.items() if k.startswith("g_")}
 
 
-res = {}
-first = batch(40)
-t0 = time.perf_counter(); g(first); torch.cuda.synchronize(); res["first_shape_s"] = time.perf_counter() - t0
-# eager passes: forward vs backward host time (synced before and after each)
-import torch.nn.functional as F
-st = batch(48)
-for i in range(3):
-    torch.cuda.synchronize(); t0 = time.perf_counter()
-    out = g._loss_and_grads(st)
-    t1 = time.perf_counter(); torch.cuda.synchronize(); t2 = time.perf_counter()
-    res.setdefault("eager_pass_host_s", []).append(round(t1 - t0, 4)); res.setdefault("eager_pass_wall_s", []).append(round(t2 - t0, 4))
-# forward only host time
-orig = torch.autograd.grad
-def fwd_only(loss, params): return [torch.zeros_like(p) for p in params]
-torch.autograd.grad = fwd_only
-for i in range(3):
-    torch.cuda.synchronize(); t0 = time.perf_counter(); g._loss_and_grads(st); t1 = time.perf_counter(); torch.cuda.synchronize()
-    res.setdefault("forward_host_s", []).append(round(t1 - t0, 4))
-torch.autograd.grad = orig
-# captures of new shapes, timed, and one under cProfile
-for L in (56, 64):
-    st = batch(L); torch.cuda.synchronize(); t0 = time.perf_counter(); g(st); torch.cuda.synchronize()
-    res.setdefault("capture_s", []).append(round(time.perf_counter() - t0, 4))
-pr = cProfile.Profile()
-st = batch(72); torch.cuda.synchronize(); pr.enable(); g(st); torch.cuda.synchronize(); pr.disable()
-s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(45)
-res["kernels_per_step"] = None
-print(json.dumps(res, indent=1))
-print(s.getvalue())
-s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("cumtime").print_stats(40)
-print(s.getvalue())
+def timed(fn) -> tuple[float, float]:
+    """(host seconds until `fn` returns, seconds until the GPU is done too), from an idle GPU."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return round(t1 - t0, 4), round(time.perf_counter() - t0, 4)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM._from_config(Qwen2Config(**QWEN_1_5B), dtype=torch.bfloat16,
+                                              attn_implementation="sdpa")
+    model = hf.add_lora(model, 4, 8, 0.05, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    model.train()
+    g = GraphedLossBackward(model, torch.bfloat16, use_graphs=True, fused_layers=True)
+    res = {"first_shape_s": timed(lambda: g(batch(40)))[1]}  # eager warm-up + capture + replay
+    st = batch(48)
+    res["eager_pass_host_and_wall_s"] = [timed(lambda: g._loss_and_grads(st)) for _ in range(3)]
+    grad = torch.autograd.grad  # the forward alone: gradients replaced by zeros
+    torch.autograd.grad = lambda loss, params: [torch.zeros_like(p) for p in params]
+    try:
+        res["forward_host_and_wall_s"] = [timed(lambda: g._loss_and_grads(st)) for _ in range(3)]
+    finally:
+        torch.autograd.grad = grad
+    res["capture_s"] = [timed(lambda: g(batch(length)))[1] for length in (56, 64)]  # new shapes
+    pr = cProfile.Profile()
+    st = batch(72)
+    torch.cuda.synchronize()
+    pr.enable()
+    g(st)
+    torch.cuda.synchronize()
+    pr.disable()
+    print(json.dumps(res, indent=1))
+    for key, n in (("tottime", 45), ("cumtime", 40)):
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats(key).print_stats(n)
+        print(s.getvalue())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,14 +1,19 @@
 """The first call (compiling, JIT) and the steady cost of 28 layers' norms + MLP, forward + input backward, per
 implementation, on the 1.5B model's shapes (hidden 1,536, MLP 8,960, bf16, 2,592 tokens; weights frozen as under
-LoRA). Each variant runs in its own process with empty inductor and Triton caches; the steady cost is a CUDA graph's
-replay. Variants: eager (HF's modules), inductor (graphs.compiled_forwards: model.compile_layers), native
+LoRA). Each variant runs in its own process with empty inductor, Triton and NVRTC (torch's kernel cache: jiterator)
+caches; the steady cost is a CUDA graph's replay. Variants: eager (HF's modules), inductor (graphs.compiled_forwards: model.compile_layers), native
 (kernels.fused_layer_forwards: model.fused_layers; also checks silu_mul against eager torch bit for bit), eager_rms
 (F.rms_norm, eager MLP), liger / liger_norm_only (Liger-Kernel's Triton RMSNorm and SiLU-mul: needs
 `pip install liger-kernel`, not a dependency of this project).
 
     python benchmarks/norm_mlp_first_call.py results/gpu/norm_mlp_first_call.json native,inductor,eager,liger
 """
-import json, os, subprocess, sys, tempfile, time
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -86,9 +91,11 @@ def run(variant):
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    step(x); torch.cuda.synchronize()
+    step(x)
+    torch.cuda.synchronize()
     second_s = time.perf_counter() - t0
-    side = torch.cuda.Stream(); side.wait_stream(torch.cuda.current_stream())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         step(x)
     torch.cuda.current_stream().wait_stream(side)
@@ -106,7 +113,6 @@ def run(variant):
         g.replay()
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t0) / n * 1e3
-    ref = None
     res = {"variant": variant, "import_build_s": round(import_s, 2), "first_call_s": round(first_s, 3),
            "second_call_s": round(second_s, 3), "capture_host_s": round(capture_s, 3), "graph_ms": round(ms, 3),
            "grad_norm": float(out.float().norm()), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
@@ -131,16 +137,19 @@ def run(variant):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        run(sys.argv[2]); sys.exit()
+        run(sys.argv[2])
+        sys.exit()
     out = sys.argv[1]
     rows = []
     for v in sys.argv[2].split(","):
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(), TRITON_CACHE_DIR=tempfile.mkdtemp())
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(), TRITON_CACHE_DIR=tempfile.mkdtemp(),
+                   PYTORCH_KERNEL_CACHE_PATH=tempfile.mkdtemp())
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, __file__, "--one", v], env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         line = [l for l in p.stdout.splitlines() if l.startswith("{")]
         r = json.loads(line[-1]) if line else {"variant": v, "error": p.stderr[-2000:]}
         r["process_wall_s"] = round(wall, 2)
-        rows.append(r); print(json.dumps(r), flush=True)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
     Path(out).write_text(json.dumps(rows, indent=1))

@@ -15,7 +15,8 @@ beyond the later ones. Here:
 Measured on an H100 (new processes, empty inductor and Triton caches):
 - 28 layers' norms + MLP at 2,592 tokens, forward + backward from a CUDA graph: eager 33.9 ms, torch.compile'd
   23.5-23.7, these 23.7, Liger-Kernel's Triton kernels 24.0; the first call (compiling) 5.5-6.0 s compiled, 2.6-3.3
-  Liger, 0.2-0.65 these (benchmarks/norm_mlp_first_call.py, results/gpu/norm_mlp_first_call.json).
+  Liger, 0.65 these (0.21 with torch's NVRTC disk cache; benchmarks/norm_mlp_first_call.py,
+  results/gpu/norm_mlp_first_call.json).
 - The fast config's two epochs through the CLI, instead of compile_layers: first epoch 21.2 -> 16.7 and 16.5 s,
   later 13.3 s either way, peak 8.9 -> 9.5 GiB, the same losses (results/gpu/fit_epoch_fused_layers*.json).
 - predict, 13,173 rows (which compile_layers does not compile for): 2,407 -> 2,780 and 2,705 rows/s from the first
