@@ -123,3 +123,27 @@ def test_fused_layers_train_like_the_modules_own_forwards(workdir, graphs, monke
     assert {type(m).__name__ for m in forwards} >= {"Qwen2RMSNorm", "Qwen2MLP"}
     assert not any("forward" in vars(m) for m in forwards)  # the plain forwards are back after each step
     _assert_trains_alike(ref_losses, ref, losses, cli)
+
+
+def test_fused_layers_run_again_in_gradient_checkpointing_recompute(workdir, monkeypatch):
+    """The eager step's backward runs inside fast_modules too, so gradient checkpointing's recomputed forwards use
+    the fused norms as the first pass did (twice the calls), and the run trains like the plain checkpointed one."""
+    counts = {}
+    rms_norm = torch.nn.functional.rms_norm
+
+    def counting(*a, **k):
+        counts[key] = counts.get(key, 0) + 1
+        return rms_norm(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", counting)
+    args = FAST + ["--model.lora_dropout", "0", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0"]
+    key = "plain"
+    _run(args + ["--model.fused_layers", "true", "--checkpoint.dirpath", "ck_a"])
+    ref_losses, losses = Losses(), Losses()
+    key = "reference"
+    ref = _adapter(_run(args + ["--model.gradient_checkpointing", "true", "--checkpoint.dirpath", "ck_b"], [ref_losses]))
+    key = "checkpointed"
+    cli = _run(args + ["--model.gradient_checkpointing", "true", "--model.fused_layers", "true",
+                       "--checkpoint.dirpath", "ck_c"], [losses])
+    assert "reference" not in counts and counts["checkpointed"] > 1.5 * counts["plain"] > 0
+    _assert_trains_alike(ref_losses, ref, losses, cli)
