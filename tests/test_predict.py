@@ -408,3 +408,20 @@ def test_replacing_an_export_never_leaves_the_folder_missing(tmp_path, monkeypat
     hf._replace_dir(tmp, target)
     assert (target / "w").read_text() == "new" and not tmp.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_fused_layers_label_like_the_modules_own_forwards(tmp_path, trained, monkeypatch):
+    """predict with model.fused_layers (kernels.py's norms and MLPs, nothing compiled) writes the same labels and
+    probabilities as without it, and really runs the fused norms."""
+    _, adapter, _ = trained
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
+    plain = _predict(inp, tmp_path / "plain.jsonl", ckpt=adapter)
+    calls = []
+    rms_norm = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: (calls.append(1), rms_norm(*a, **k))[1])
+    fused = _predict(inp, tmp_path / "fused.jsonl", "--model.fused_layers", "true", ckpt=adapter)
+    assert calls and len(fused) == len(plain) == 12
+    for a, b in zip(plain, fused):
+        assert a["id"] == b["id"] and a["label"] == b["label"]
+        assert max(abs(a["probs"][k] - b["probs"][k]) for k in a["probs"]) < 1e-5
