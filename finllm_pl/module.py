@@ -416,8 +416,8 @@ class FinLLM(L.LightningModule):
         self._prefix_memo = {}
         self._label_forwards = None
         # (model.fused_layers may leave nothing to compile)
-        compiled = compiled_forwards(self._labeling_decoder(), skip=self._fused_forwards) if (
-            self.hparams.compile_layers) else {}
+        plain = self._labeling_forwards()
+        compiled = compiled_forwards(hf.split_head(self.model)[0], skip=plain) if self.hparams.compile_layers else {}
         path = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("predict_path")
         if compiled and path and os.path.isfile(path):
             rows = _count_lines(path) // self.trainer.world_size  # (every input format is line-based)
@@ -426,16 +426,15 @@ class FinLLM(L.LightningModule):
                 rank_zero_info(f"model.compile_layers: not compiling for ~{rows:,} rows to label per process "
                                f"(it pays from ~{LABEL_COMPILE_MIN_ROWS:,})")
         if compiled:
-            self._label_forwards = {**self._fused_forwards, **compiled}
+            self._label_forwards = {**plain, **compiled}
 
-    def _labeling_decoder(self):
-        """The decoder, its labeling forwards made the first time (fused.py's linears, model.fused_layers' norms
-        and MLPs)."""
-        decoder = hf.split_head(self.model)[0]
+    def _labeling_forwards(self) -> dict:
+        """Labeling's forwards, made once: fused.py's linears and (model.fused_layers) kernels.py's norms and MLPs."""
         if self._fused_forwards is None:
+            decoder = hf.split_head(self.model)[0]
             layers = fused_layer_forwards(decoder) if self.hparams.fused_layers else {}
             self._fused_forwards = {**fused_forwards(decoder), **layers}
-        return decoder
+        return self._fused_forwards
 
     @contextmanager
     def _labeling_modules(self):
@@ -449,9 +448,7 @@ class FinLLM(L.LightningModule):
         H100, 52,692 rows in 133 batches of <= 32,768 tokens: 2,886 rows/s with cuDNN, 3,077 and 3,242 without
         (three calls; in 77 batches of <= 65,536 tokens 2,920 vs 2,943 in one call;
         results/gpu/predict_rows_chunks*.json). SDPA's memory-efficient kernel serves the same masks."""
-        if self._fused_forwards is None:
-            self._labeling_decoder()
-        forwards = self._fused_forwards
+        forwards = self._labeling_forwards()
         if self._label_forwards is not None and self.trainer.state.fn == "predict":  # (set by predict runs only)
             forwards = self._label_forwards
         autocast = torch.is_autocast_enabled(self.device.type)

@@ -171,7 +171,7 @@ def test_label_scoring_feeds_lora_its_bf16_input_under_autocast_with_the_same_sc
     b = collate_prompts(prompts, 0, [[5, 1], [6, 1], [7, 8, 1]])
     args = (model, b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"])
     owner = types.SimpleNamespace(hparams=types.SimpleNamespace(compile_layers=False), _label_forwards=None,
-                                  _fused_forwards={},  # (peft's LoRA forwards: test_fused.py)
+                                  _labeling_forwards=dict,  # (peft's LoRA forwards: test_fused.py)
                                   _graphed=None, model=model, device=torch.device("cpu"))
     lora_a = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
     inputs = []
