@@ -337,6 +337,21 @@ def static_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: 
     return out
 
 
+def pad_static_length(st: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """A static batch (static_batch's, on any device) with its rows padded on the right to `length` tokens: padding
+    ids, positions continuing, and a mask under which the real tokens see what they saw (the new keys are hidden from
+    them) and each new position sees its row's real tokens (a query that sees nothing would be NaN in the masked
+    attention, and NaN times a zero weight is still NaN). The supervised slots are unchanged: the same loss."""
+    S = st["g_ids"].shape[1]
+    if length <= S:
+        return st
+    extra = length - S
+    pos, mask = st["g_pos"], F.pad(st["g_mask"], (0, extra))  # the new keys: hidden from every real query
+    return {**st, "g_ids": F.pad(st["g_ids"], (0, extra)),
+            "g_pos": torch.cat([pos, pos[:, -1:] + torch.arange(1, extra + 1, device=pos.device)], 1),
+            "g_mask": torch.cat([mask, mask[:, -1:].expand(-1, extra, -1)], 1)}
+
+
 def shared_prefix_ids(prompts: Sequence[Sequence[int]]) -> tuple[int, ...]:
     """The tokens every prompt starts with, leaving each prompt at least one of its own (its last hidden state
     predicts the first label token): scoring.common_prefix_length's answer, known on the host."""

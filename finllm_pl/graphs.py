@@ -47,6 +47,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .data import pad_static_length
 from .errors import ModelError
 from .fused import fused_forwards
 from .kernels import fused_layer_forwards
@@ -273,6 +274,12 @@ class GraphedLossBackward:
         rows, length = st["g_ids"].shape
         loss = n = None
         parts = row_chunks(rows, length, self.max_tokens)
+        if len(parts) > 1:
+            # The few micro-batches that run as chunks come in many lengths (96, 112, 128, 192, 224 here), each a
+            # capture (~0.2 s) that serves a batch or two per epoch: padded to a power of two (at most what keeps
+            # the chunks' rows within max_tokens), they share two.
+            padded = min(1 << (length - 1).bit_length(), self.max_tokens // (parts[0].stop - parts[0].start))
+            st = pad_static_length(st, padded)
         for part in parts:
             # A chunk holds some of the rows (views; the shared prefix is every chunk's): its own graph shape.
             chunk = st if len(parts) == 1 else {k: v if k == "g_pre" else v[part] for k, v in st.items()}

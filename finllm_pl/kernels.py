@@ -1,5 +1,5 @@
-"""The decoder layers' norms and gated MLPs in fused kernels that need no compiling (plain torch; the fast paths put
-them in place through graphs.fast_modules).
+"""The decoder layers' norms, gated MLPs and rotary embeddings in fused kernels that need no compiling (plain torch;
+the fast paths put them in place through graphs.fast_modules).
 
 Why: written as HF writes them, an RMSNorm is ~8 elementwise kernels forward and more backward (fp32 casts, square,
 mean, rsqrt, two products), and a gated MLP's `act(gate) * up` two kernels forward and three backward, each reading
@@ -21,14 +21,26 @@ Measured on an H100 (new processes, empty inductor and Triton caches):
   later 13.3 s either way, peak 8.9 -> 9.5 GiB, the same losses (results/gpu/fit_epoch_fused_layers*.json).
 - predict, 13,173 rows (which compile_layers does not compile for): 2,407 -> 2,780 and 2,705 rows/s from the first
   batch (results/gpu/predict_rows_fused_layers*.json).
+- The rotary embedding, HF's `q * cos + rotate_half(q) * sin` (and k's), is ~10 kernels forward and ~18 backward
+  per layer (neg, cat, two products and a sum; slices' zero-filled gradients): here one jiterator kernel per tensor
+  each way (the backward is the same kernel with sin's halves swapped and negated), rounded as eager torch rounds
+  it (bit for bit, tests/test_gpu.py). It is put in place by the attention layer's forward, which swaps its model
+  file's `apply_rotary_pos_emb` for the fused one while it runs. Per layer (benchmarks/rope_kernel.py,
+  results/gpu/rope_kernel.json): 0.61 -> 0.49 ms forward + backward at the packed step's 2,600 tokens, 0.55-0.66
+  -> 0.26-0.31 ms forward on labeling batches. Through the CLI, with the chunk padding of graphs.py (separate
+  calls, new processes; results/gpu/fit_epoch_rope*.json): first epoch 16.8 -> 15.3 s, later 13.4 -> 12.8 s;
+  predict, 13,173 rows: 2,728 -> 2,893 rows/s with the wait.
 A module takes this route only if its class computes the same thing: its forward is run once on tiny random
-weights (CPU, fp32) against the formula (`rms_norm_class`, `silu_gated_mlp_class`). Off CUDA, or in other dtypes,
-the gated product runs as eager torch.
+weights (CPU, fp32) against the formula (`rms_norm_class`, `silu_gated_mlp_class`, `rope_attention_class`). Off
+CUDA, or in other dtypes, the gated product runs as eager torch; the rotary embedding as eager torch in the kernel's
+order (the same bits: the CPU tests check its backward formula).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import sys
 import types
 from typing import Any, Optional
 
@@ -56,6 +68,19 @@ template <typename T> void silu_mul_backward(T dp, T g, T u, T& dg, T& du) {
   float ds = R(d * static_cast<float>(u));
   dg = static_cast<T>(ds * sig * (1.0f + x * (1.0f - sig)));
 }"""
+# Rotary embedding, HF's `x * cos + rotate_half(x) * sin` with rotate_half(x) = [-x2, x1] (x's halves swapped, the
+# first negated), one element each: `x` is the element, `a`/`b` are the first/second half's element at its offset
+# (broadcast over the halves), `sg` -1 in the first half and +1 in the second. The same kernel computes the
+# backward with sin replaced by its halves swapped and negated (rotate_half's transpose is its negative).
+_ROPE = """
+template <typename T> T rope(T x, T a, T b, T c, T s, T sg) {
+  auto R = [](float v) { return ROUND; };
+  float sign = static_cast<float>(sg);
+  float other = static_cast<float>(sign < 0.0f ? b : a);
+  // (__fmul_rn/__fadd_rn: never contracted into an fma, which would round once where eager torch rounds twice)
+  return static_cast<T>(__fadd_rn(R(__fmul_rn(static_cast<float>(x), static_cast<float>(c))),
+                                  R(__fmul_rn(sign * other, static_cast<float>(s)))));
+}"""
 _ROUND = {
     torch.float32: "v",
     torch.bfloat16: ("isfinite(v) ? __uint_as_float((__float_as_uint(v) + 0x7fffu + ((__float_as_uint(v) >> 16) & 1u))"
@@ -69,7 +94,8 @@ def _jitted(dtype: torch.dtype):
 
     r = _ROUND[dtype]
     return (_create_jit_fn(_SILU_MUL.replace("ROUND", r)),
-            _create_multi_output_jit_fn(_SILU_MUL_BACKWARD.replace("ROUND", r), num_outputs=2))
+            _create_multi_output_jit_fn(_SILU_MUL_BACKWARD.replace("ROUND", r), num_outputs=2),
+            _create_jit_fn(_ROPE.replace("ROUND", r)))
 
 
 class _SiluMul(torch.autograd.Function):
@@ -90,6 +116,78 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if g.is_cuda and g.dtype == u.dtype and g.dtype in _ROUND and g.shape == u.shape:
         return _SiluMul.apply(g, u)
     return F.silu(g) * u
+
+
+ROPE = "apply_rotary_pos_emb"  # the function HF's attention layers (Llama, Qwen2, Mistral, ...) call by this name
+
+
+_SIGNS: dict[tuple, torch.Tensor] = {}
+
+
+def _signs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[[-1], [1]]: the rotation's sign in each half (made once per device and dtype; while a CUDA graph is being
+    captured, made by kernels the graph records, as a copy from the host cannot be captured)."""
+    key = (device, dtype)
+    if key in _SIGNS:
+        return _SIGNS[key]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.ones(2, 1, device=device, dtype=dtype).cumsum(0).mul_(2).sub_(3)
+    return _SIGNS.setdefault(key, torch.tensor([[-1.0], [1.0]], dtype=dtype).to(device))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + rotate_half(x) * sin` (cos and sin broadcastable to x), rounded as eager torch rounds it: on CUDA
+    one kernel (_ROPE), elsewhere eager torch in the kernel's order."""
+    halves = x.unflatten(-1, (2, -1))  # [..., 2, D/2]
+    sign = _signs(x.device, x.dtype)
+    if not x.is_cuda:
+        return x * cos + (halves.flip(-2) * sign).flatten(-2) * sin
+    c, s = (t.unflatten(-1, (2, -1)) for t in (cos, sin))
+    return _jitted(x.dtype)[2](halves, halves[..., :1, :], halves[..., 1:, :], c, s, sign).flatten(-2)
+
+
+class _Rope(torch.autograd.Function):
+    """q and k rotated; backward: the transposed rotation, `g * cos - rotate_half(g * sin)`, the same kernel with
+    sin's halves swapped and negated (as autograd rounds it: each product, then the sum)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope(q, cos, sin), _rope(k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        back = -sin.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+        return _rope(gq, cos, back), _rope(gk, cos, back), None, None
+
+
+def _rope_fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    d = q.shape[-1]
+    return (len({t.dtype for t in (q, k, cos, sin)}) == 1 and q.dtype in _ROUND and d % 2 == 0
+            and k.shape[-1] == cos.shape[-1] == sin.shape[-1] == d and not (cos.requires_grad or sin.requires_grad))
+
+
+def _fused_rope(original):
+    """`original` (a model file's apply_rotary_pos_emb) computed as _Rope where the tensors fit; as itself else."""
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if args or set(kwargs) - {"unsqueeze_dim"} or not _rope_fits(q, k, cos, sin):
+            return original(q, k, cos, sin, *args, **kwargs)
+        dim = kwargs.get("unsqueeze_dim", 1)
+        return _Rope.apply(q, k, cos.unsqueeze(dim), sin.unsqueeze(dim))
+    return apply_rotary_pos_emb
+
+
+def _attention_forward(self, *args, **kwargs):
+    """The attention class's own forward, with its model file's apply_rotary_pos_emb swapped for the fused one
+    while it runs (the forward looks the function up in the file's globals at every call)."""
+    namespace = sys.modules[type(self).__module__].__dict__
+    original = namespace[ROPE]
+    namespace[ROPE] = _fused_rope(original)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        namespace[ROPE] = original
 
 
 def _eps(m: torch.nn.Module) -> Optional[float]:
@@ -156,6 +254,28 @@ def silu_gated_mlp_class(cls: type, act: torch.nn.Module) -> bool:
         return False
 
 
+@functools.cache
+def rope_attention_class(cls: type) -> bool:
+    """Whether `cls.forward` calls its model file's `apply_rotary_pos_emb(q, k, cos, sin)` and that function computes
+    `x * cos + rotate_half(x) * sin` for q and k (tried on random CPU fp32 tensors; not e.g. an interleaved or a
+    partial rotary embedding)."""
+    fn = getattr(sys.modules.get(cls.__module__), ROPE, None)
+    if not callable(fn) or ROPE not in inspect.unwrap(cls.forward).__code__.co_names:
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, k = torch.randn(1, 2, 3, 8, generator=gen, **_CPU32), torch.randn(1, 1, 3, 8, generator=gen, **_CPU32)
+        cos, sin = torch.randn(1, 3, 8, generator=gen, **_CPU32), torch.randn(1, 3, 8, generator=gen, **_CPU32)
+
+        def ref(x):
+            return x * cos[:, None] + torch.cat([-x[..., 4:], x[..., :4]], -1) * sin[:, None]
+        with torch.no_grad():
+            qe, ke = fn(q, k, cos, sin)
+            return torch.allclose(qe, ref(q), rtol=1e-5, atol=1e-6) and torch.allclose(ke, ref(k), rtol=1e-5, atol=1e-6)
+    except Exception:  # another signature or other math: not this route
+        return False
+
+
 def fused_layer_forwards(decoder) -> dict[torch.nn.Module, Any]:
     """Forwards for each decoder layer's RMSNorms (and the final norm) and SiLU-gated MLP whose class passes the
     probe; other modules are left out (model.compile_layers may compile them)."""
@@ -171,5 +291,8 @@ def fused_layer_forwards(decoder) -> dict[torch.nn.Module, Any]:
         elif (all(isinstance(getattr(m, n, None), torch.nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
               and isinstance(getattr(m, "act_fn", None), torch.nn.Module) and silu_gated_mlp_class(type(m), m.act_fn)):
             out[m] = types.MethodType(_mlp_forward, m)
+        elif all(isinstance(getattr(m, n, None), torch.nn.Module) for n in ("q_proj", "k_proj")) and \
+                rope_attention_class(type(m)):
+            out[m] = types.MethodType(_attention_forward, m)
     return out
 

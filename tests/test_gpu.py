@@ -238,6 +238,40 @@ def test_silu_mul_kernel_rounds_as_eager_torch_also_replayed_from_a_cuda_graph(d
     assert all(torch.equal(a, b) for a, b in zip(captured, ref))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotary_kernel_rounds_as_hf_s_rotary_embedding_also_replayed_from_a_cuda_graph(dtype):
+    """kernels._Rope (jiterator): q and k rotated, and their gradients, bit for bit HF's apply_rotary_pos_emb on q/k
+    as the attention layers make them (views of one q/k/v matmul's output), the 1.5B model's heads, one cos/sin
+    for every row (the packed step's) and per row; and the same again replayed from a CUDA graph."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from finllm_pl.kernels import _fused_rope
+
+    torch.manual_seed(0)
+    fused = _fused_rope(apply_rotary_pos_emb)
+    for rows, tokens, cos_rows in ((1, 2000, 1), (4, 300, 4)):
+        qkv = torch.randn(rows, tokens, 16 * 128, device="cuda", dtype=dtype) * 3
+        pos = torch.arange(tokens, device="cuda").expand(cos_rows, -1)[..., None] * torch.rand(64, device="cuda")
+        cos, sin = (torch.cat([f(pos), f(pos)], -1).to(dtype) for f in (torch.cos, torch.sin))
+        grads = [torch.randn(rows, h, tokens, 128, device="cuda", dtype=dtype) for h in (12, 2)]
+
+        def run(fn):
+            x = qkv.detach().requires_grad_()
+            q, k, _ = x.view(rows, tokens, 16, 128).transpose(1, 2).split([12, 2, 2], 1)
+            out = fn(q, k, cos, sin)
+            return (*(o.detach() for o in out), *torch.autograd.grad(out, x, grads))
+
+        ref, got = run(apply_rotary_pos_emb), run(fused)
+        for name, a, b in zip(("q", "k", "d_qkv"), got, ref):
+            assert a.dtype == b.dtype == dtype and torch.equal(a, b), (name, (a.float() - b.float()).abs().max())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(fused)
+    qkv.mul_(-1)  # new inputs in the graph's buffers
+    graph.replay()
+    assert all(torch.equal(a, b) for a, b in zip(captured, run(apply_rotary_pos_emb)))
+
+
 def test_fused_norms_keep_the_input_dtype_under_autocast():
     """CUDA autocast runs rms_norm in fp32 with an fp32 output; HF's norms return the input's dtype, and so must
     kernels.py's (else every norm adds casts and fp32 activations)."""

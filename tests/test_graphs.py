@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from finllm_pl import model as hf
-from finllm_pl.data import static_batch
+from finllm_pl.data import pad_static_length, static_batch
 from finllm_pl.errors import ModelError
 from finllm_pl.graphs import GraphedLossBackward, fast_modules, packed_prefix_attention, packed_prefix_hidden
 from finllm_pl.scoring import _decoder_call, attention_mask_4d, prefix_cache
@@ -111,6 +111,46 @@ def test_a_short_batch_filled_up_to_full_rows_gives_the_short_batch_s_loss_and_g
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
     assert any(g.abs().sum() > 0 for g in grads)
     assert _batch(prefix, (3, 9, 5, 17), rows=2)["g_ids"].shape[0] == 4  # a full batch is left as it is
+
+
+@pytest.mark.parametrize("prefix", [12, 0])
+def test_a_batch_padded_to_a_longer_static_length_gives_the_same_loss_and_gradients(prefix):
+    """pad_static_length (how chunked micro-batches share a few captured shapes): the padded batch gives the
+    unpadded one's loss, token count and LoRA gradients; the real tokens' mask is unchanged and every new position
+    sees something (an all-hidden query would be NaN in the masked attention)."""
+    model = _tiny_lora("qwen2")
+    step = GraphedLossBackward(model, torch.float32, use_graphs=False)
+    st = _batch(prefix)
+    S = st["g_ids"].shape[1]
+    padded = pad_static_length(st, S + 11)
+    assert padded["g_ids"].shape[1] == S + 11 and pad_static_length(st, S) is st
+    assert torch.equal(padded["g_mask"][:, :S, : st["g_mask"].shape[2]], st["g_mask"])
+    assert not padded["g_mask"][:, :S, st["g_mask"].shape[2]:].any() and padded["g_mask"][:, S:].any(-1).all()
+    assert torch.equal(padded["g_pos"][:, S - 1:], st["g_pos"][:, -1:] + torch.arange(12))
+    loss, n, grads = step._loss_and_grads(st)
+    p_loss, p_n, p_grads = step._loss_and_grads(padded)
+    assert n == p_n > 0 and torch.isfinite(p_loss)
+    torch.testing.assert_close(p_loss, loss, atol=1e-5, rtol=1e-6)
+    for g, r in zip(p_grads, grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_chunked_batches_are_padded_to_a_power_of_two_within_the_token_cap(monkeypatch):
+    """A micro-batch that runs as chunks is padded to a power-of-two length (a few shapes to capture), or less
+    where that would make its chunks exceed model.chunk_tokens (as many rows each as unpadded); one that runs
+    whole keeps its length."""
+    model = _tiny_lora("qwen2")
+    seen = []
+    st = _batch(12)  # 4 rows of 24 tokens after the prefix
+    for cap, expect, chunks in ((64, 32, 2), (50, 25, 2), (31, 31, 4), (None, 24, 1), (200, 24, 1)):
+        step = GraphedLossBackward(model, torch.float32, use_graphs=False, max_tokens=cap)
+        monkeypatch.setattr(step, "_replay", lambda chunk: (seen.append(chunk["g_ids"].shape),
+                                                            step._loss_and_grads(chunk))[1])
+        seen.clear()
+        step(st)
+        assert {s[1] for s in seen} == {expect} and len(seen) == chunks, cap
+        assert all(cap is None or s[0] * s[1] <= cap for s in seen)
 
 
 def test_bf16_step_casts_lora_weights_once_and_feeds_lora_its_bf16_input_with_the_same_result(monkeypatch):

@@ -53,20 +53,96 @@ def test_rms_norms_and_silu_gated_mlps_take_the_fused_route(arch):
     with torch.device("meta"), _default_dtype(torch.float64):
         forwards = fused_layer_forwards(decoder)
     expected = [m for layer in decoder.layers for m in (layer.input_layernorm, layer.post_attention_layernorm,
-                                                        layer.mlp)] + [decoder.norm]
-    assert set(forwards) == set(expected) and len(forwards) == 7
+                                                        layer.mlp, layer.self_attn)] + [decoder.norm]
+    assert set(forwards) == set(expected) and len(forwards) == 9
 
 
 def test_other_norms_and_activations_keep_their_own_forward():
-    gemma = _tiny("gemma").model  # (1 + weight) norms, GELU-tanh MLPs
-    assert fused_layer_forwards(gemma) == {}
+    gemma = _tiny("gemma").model  # (1 + weight) norms, GELU-tanh MLPs (and HF's usual rotary embedding)
+    assert {type(m).__name__ for m in fused_layer_forwards(gemma)} == {"GemmaAttention"}
     gelu = _tiny("llama", hidden_act="gelu").model  # LlamaMLP's class, another activation
     kinds = {type(m).__name__ for m in fused_layer_forwards(gelu)}
-    assert kinds == {"LlamaRMSNorm"}
+    assert kinds == {"LlamaRMSNorm", "LlamaAttention"}
     odd = _tiny("qwen2").model
     odd.layers[0].input_layernorm = OffsetRMSNorm(32)
     assert odd.layers[0].input_layernorm not in fused_layer_forwards(odd)
-    assert len(fused_layer_forwards(odd)) == 6
+    assert len(fused_layer_forwards(odd)) == 8
+
+
+_INTERLEAVED = '''
+import torch
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # GPT-J's pairs (x0, x1), (x2, x3), ...: not HF's halves
+    def rot(x):
+        pairs = x.unflatten(-1, (-1, 2))
+        return torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+class Attention(torch.nn.Module):
+    def forward(self, q, k, cos, sin):
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+class Elsewhere(torch.nn.Module):  # does not call the file's function
+    def forward(self, q, k, cos, sin):
+        return q, k
+'''
+
+
+def test_attention_takes_the_fused_rotary_route_only_with_hf_s_rotary_embedding(monkeypatch):
+    import types
+    from transformers.models.qwen2 import modeling_qwen2
+
+    assert kernels.rope_attention_class(modeling_qwen2.Qwen2Attention)
+    other = types.ModuleType("other_model")
+    exec(_INTERLEAVED, other.__dict__)
+    other.Attention.__module__ = other.Elsewhere.__module__ = "other_model"
+    monkeypatch.setitem(__import__("sys").modules, "other_model", other)
+    assert not kernels.rope_attention_class(other.Attention)  # the file's function, other math
+    monkeypatch.setattr(other, "apply_rotary_pos_emb", modeling_qwen2.apply_rotary_pos_emb)
+    kernels.rope_attention_class.cache_clear()
+    assert kernels.rope_attention_class(other.Attention)  # now HF's
+    assert not kernels.rope_attention_class(other.Elsewhere)  # but not called by this forward
+    kernels.rope_attention_class.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_rounds_as_hf_s_forward_and_backward(dtype):
+    """_Rope (here: eager torch in the kernel's order; on CUDA the jiterator kernel, tests/test_gpu.py) gives HF's
+    apply_rotary_pos_emb bit for bit, and its gradients: the same kernel with sin's halves swapped and negated."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(2, 5, 4, 8, generator=gen) * 3).to(dtype).transpose(1, 2).requires_grad_()  # as HF's: a view
+    k = (torch.randn(2, 2, 5, 8, generator=gen) * 3).to(dtype).requires_grad_()
+    cos, sin = (torch.randn(2, 5, 8, generator=gen).to(dtype) for _ in range(2))  # (not HF's equal halves)
+    gq, gk = (torch.randn(t.shape, generator=gen).to(dtype) for t in (q, k))
+
+    def run(fn):
+        out = fn(q, k, cos, sin)
+        return (*out, *torch.autograd.grad(out, (q, k), (gq, gk)))
+
+    ref, got = run(apply_rotary_pos_emb), run(kernels._fused_rope(apply_rotary_pos_emb))
+    for name, a, b in zip(("q", "k", "dq", "dk"), got, ref):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b), (name, (a.float() - b.float()).abs().max())
+    assert torch.equal(got[0], kernels._Rope.apply(q, k, cos[:, None], sin[:, None])[0])  # it ran _Rope
+
+
+def test_fused_attention_forward_runs_the_fused_rotary_and_puts_hf_s_back(monkeypatch):
+    from transformers.models.qwen2 import modeling_qwen2
+
+    decoder = _tiny("qwen2").model
+    attn = decoder.layers[0].self_attn
+    forward = fused_layer_forwards(decoder)[attn]
+    calls = []
+    monkeypatch.setattr(kernels._Rope, "apply", lambda *a, _f=kernels._Rope.apply: (calls.append(1), _f(*a))[1])
+    x = torch.randn(2, 5, 32)
+    pos = decoder.rotary_emb(x, torch.arange(5)[None].expand(2, -1))
+    ref, _ = attn(x, position_embeddings=pos, attention_mask=None)
+    got, _ = forward(x, position_embeddings=pos, attention_mask=None)
+    assert calls == [1] and torch.equal(got, ref)
+    assert modeling_qwen2.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb"
+    assert modeling_qwen2.apply_rotary_pos_emb.__module__ == modeling_qwen2.__name__  # HF's own again
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -98,6 +174,8 @@ def test_the_jiterator_kernels_are_code_jiterator_reads():
         fwd = _CodeParser(kernels._SILU_MUL.replace("ROUND", rounding))
         bwd = _CodeParser(kernels._SILU_MUL_BACKWARD.replace("ROUND", rounding))
         assert (fwd.function_name, bwd.function_name, bwd.return_type) == ("silu_mul", "silu_mul_backward", "void")
+        rope = _CodeParser(kernels._ROPE.replace("ROUND", rounding))
+        assert (rope.function_name, rope.return_type) == ("rope", "T")
     assert kernels._ROUND[torch.float32] == "v"  # no rounding of fp32 intermediates
 
 
@@ -120,7 +198,7 @@ def test_fused_layers_train_like_the_modules_own_forwards(workdir, graphs, monke
     cli = _run(args + ["--model.fused_layers", "true", "--checkpoint.dirpath", "ck_fused"], [losses])
     assert len(calls) > 0
     forwards = cli.model._graphed.forwards if graphs else cli.model._train_forwards
-    assert {type(m).__name__ for m in forwards} >= {"Qwen2RMSNorm", "Qwen2MLP"}
+    assert {type(m).__name__ for m in forwards} >= {"Qwen2RMSNorm", "Qwen2MLP", "Qwen2Attention"}
     assert not any("forward" in vars(m) for m in forwards)  # the plain forwards are back after each step
     _assert_trains_alike(ref_losses, ref, losses, cli)
 
