@@ -30,6 +30,10 @@ Measured on an H100 (new processes, empty inductor and Triton caches):
   -> 0.26-0.31 ms forward on labeling batches. Through the CLI, with the chunk padding of graphs.py (separate
   calls, new processes; results/gpu/fit_epoch_rope*.json): first epoch 16.8 -> 15.3 s, later 13.4 -> 12.8 s;
   predict, 13,173 rows: 2,728 -> 2,893 rows/s with the wait.
+- The three kernels are compiled by a thread while the model loads (`compile_in_background`, started by the
+  LightningModule's configure_model), not in the first training step: first step 2.39 -> 0.78 s, first epoch
+  16.4 -> 14.3 s (one call, results/gpu/fit_epoch_compile_thread.json); labeling unchanged (2,918 and 2,842 vs
+  2,883 rows/s, results/gpu/predict_rows_compile_thread.json).
 A module takes this route only if its class computes the same thing: its forward is run once on tiny random
 weights (CPU, fp32) against the formula (`rms_norm_class`, `silu_gated_mlp_class`, `rope_attention_class`). Off
 CUDA, or in other dtypes, the gated product runs as eager torch; the rotary embedding as eager torch in the kernel's
@@ -41,6 +45,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import threading
 import types
 from typing import Any, Optional
 
@@ -88,14 +93,62 @@ _ROUND = {
 }
 
 
-@functools.cache
 def _jitted(dtype: torch.dtype):
+    _wait_for_compiler()
+    return _make_jitted(dtype)
+
+
+@functools.cache
+def _make_jitted(dtype: torch.dtype):
     from torch.cuda.jiterator import _create_jit_fn, _create_multi_output_jit_fn
 
     r = _ROUND[dtype]
     return (_create_jit_fn(_SILU_MUL.replace("ROUND", r)),
             _create_multi_output_jit_fn(_SILU_MUL_BACKWARD.replace("ROUND", r), num_outputs=2),
             _create_jit_fn(_ROPE.replace("ROUND", r)))
+
+
+_COMPILER: Optional[threading.Thread] = None  # compile_in_background's thread, until waited for
+
+
+def compile_in_background(device: torch.device, dtype: torch.dtype) -> None:
+    """Starts a thread that compiles (NVRTC) the kernels below for `dtype` while this process goes on loading the
+    model and reading the first batch. Why: each kernel is compiled at its first call (~0.2-0.5 s each where
+    torch's kernel disk cache does not have it), which would otherwise happen in the first training step or
+    labeling batch with the GPU idle. The compiler holds the GIL, so it overlaps only what runs without it (CUDA
+    work, file reads, waiting for the DataLoader's workers). The first kernel call here waits for the thread.
+    Nothing happens off CUDA or for other dtypes; if the thread fails, the kernels are compiled at first use."""
+    global _COMPILER
+    if _COMPILER is None and dtype in _ROUND and device.type == "cuda":
+        _COMPILER = threading.Thread(target=_compile_all, args=(device, dtype), name="finllm-kernels", daemon=True)
+        _COMPILER.start()
+
+
+def _wait_for_compiler() -> None:
+    global _COMPILER
+    thread = _COMPILER
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+        _COMPILER = None
+
+
+def _compile_all(device: torch.device, dtype: torch.dtype) -> None:
+    """Runs each kernel once as the fast paths call it: silu_mul's forward and backward on contiguous tensors
+    (their vectorized kernels), the rotary embedding on a q view of a q/k/v output (its backward runs the same
+    kernel). Not through autograd: its worker thread would wait for this one (_jitted) while this one waits for
+    the backward."""
+    try:
+        with torch.cuda.device(device):
+            silu_fwd, silu_bwd, _ = _make_jitted(dtype)
+            g = torch.randn(64, 64, device=device, dtype=dtype)
+            silu_fwd(g, g)
+            silu_bwd(g, g, g)
+            q = torch.randn(1, 3, 4, 8, device=device, dtype=dtype).transpose(1, 2)
+            cos = torch.randn(1, 1, 3, 8, device=device, dtype=dtype)
+            _rope(q, cos, cos)
+            torch.cuda.synchronize(device)
+    except Exception:  # (compiled at first use then, as without this thread)
+        pass
 
 
 class _SiluMul(torch.autograd.Function):

@@ -32,7 +32,7 @@ from .callbacks import check_adapter_matches
 from .errors import ConfigError, FinLLMError, ModelError
 from .fused import fused_forwards
 from .graphs import GraphedLossBackward, compiled_forwards, fast_modules, row_chunks
-from .kernels import fused_layer_forwards
+from .kernels import compile_in_background, fused_layer_forwards
 from .metrics import label_metrics, summarize
 from .prompts import DEFAULT_LABELS
 from .schedule import WarmupOverflow, resolve_schedule
@@ -191,6 +191,8 @@ class FinLLM(L.LightningModule):
         if device.type == "cpu":
             # Tiny gradients and Adam moments become denormal floats, which x86 CPUs handle ~10-50x slower.
             torch.set_flush_denormal(True)
+        if hp.fused_layers:
+            compile_in_background(device, dtype)  # kernels.py's kernels, compiled while the model loads
         self.tokenizer = hf.load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
         base = hf.load_base_model(hp.model_name_or_path, hp.quantization, dtype, device, hp.attn_implementation,
                                   hp.trust_remote_code)

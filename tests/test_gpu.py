@@ -272,6 +272,42 @@ def test_rotary_kernel_rounds_as_hf_s_rotary_embedding_also_replayed_from_a_cuda
     assert all(torch.equal(a, b) for a, b in zip(captured, run(apply_rotary_pos_emb)))
 
 
+_COMPILE_CHECK = """
+import os, sys, torch
+from pathlib import Path
+from finllm_pl import kernels
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+cache = Path(os.environ["PYTORCH_KERNEL_CACHE_PATH"])
+kernels.compile_in_background(torch.device("cuda"), torch.bfloat16)
+kernels._wait_for_compiler()
+files = sorted(f.name for f in cache.iterdir())
+print(sorted(name.split("_arch")[0] for name in files))
+# the fast paths' own calls: a gated MLP's [tokens, 8960] activations, q/k views of the 1.5B model's q/k/v output
+g, u = (torch.randn(300, 8960, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+out = kernels.silu_mul(g, u)
+out.backward(torch.randn_like(out))  # (as down_proj's backward hands it: contiguous)
+qkv = torch.randn(2, 50, 16 * 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+q, k, _ = qkv.view(2, 50, 16, 128).transpose(1, 2).split([12, 2, 2], 1)
+cos, sin = (torch.randn(2, 50, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+sum(t.float().sum() for t in kernels._fused_rope(apply_rotary_pos_emb)(q, k, cos, sin)).backward()
+torch.cuda.synchronize()
+print(sorted(f.name for f in cache.iterdir()) == files)
+"""
+
+
+def test_the_background_compile_covers_the_kernels_the_fast_paths_use(tmp_path):
+    """kernels.compile_in_background (in a new process, with its own kernel cache): the thread compiles the three
+    bf16 kernels, and the fast paths' own calls after it compile nothing more (no new file in the cache)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTORCH_KERNEL_CACHE_PATH": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, check=True, capture_output=True,
+                         text=True, timeout=300).stdout.split("\n")
+    assert out[:2] == ["['rope', 'silu_mul_backward_vectorized8', 'silu_mul_vectorized8']", "True"], out
+
+
 def test_fused_norms_keep_the_input_dtype_under_autocast():
     """CUDA autocast runs rms_norm in fp32 with an fp32 output; HF's norms return the input's dtype, and so must
     kernels.py's (else every norm adds casts and fp32 activations)."""

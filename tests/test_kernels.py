@@ -225,3 +225,28 @@ def test_fused_layers_run_again_in_gradient_checkpointing_recompute(workdir, mon
                        "--checkpoint.dirpath", "ck_c"], [losses])
     assert "reference" not in counts and counts["checkpointed"] > 1.5 * counts["plain"] > 0
     _assert_trains_alike(ref_losses, ref, losses, cli)
+
+
+def test_kernels_compile_in_a_background_thread_on_cuda_only_and_are_waited_for(monkeypatch):
+    """compile_in_background starts one thread for bf16/fp32 on a CUDA device (tests/test_gpu.py checks what it
+    compiles), and the first kernel use waits for it."""
+    import threading
+
+    release, ran = threading.Event(), []
+
+    def compile_all(device, dtype):
+        release.wait(10)
+        ran.append((device, dtype))
+
+    monkeypatch.setattr(kernels, "_compile_all", compile_all)
+    monkeypatch.setattr(kernels, "_COMPILER", None)
+    kernels.compile_in_background(torch.device("cpu"), torch.bfloat16)
+    kernels.compile_in_background(torch.device("cuda", 1), torch.float16)
+    assert kernels._COMPILER is None  # nothing to compile for the CPU, nor for fp16
+    kernels.compile_in_background(torch.device("cuda", 1), torch.bfloat16)
+    thread = kernels._COMPILER
+    kernels.compile_in_background(torch.device("cuda", 1), torch.bfloat16)
+    assert kernels._COMPILER is thread and thread.is_alive() and not ran
+    release.set()
+    kernels._wait_for_compiler()  # (what _jitted does first)
+    assert ran == [(torch.device("cuda", 1), torch.bfloat16)] and kernels._COMPILER is None
