@@ -446,7 +446,7 @@ class InstructionDataModule(L.LightningDataModule):
             cache_dir: tokenization cache (default $FINLLM_CACHE/tokenized or ~/.cache/finllm_pl/tokenized).
             predict_chunk_rows: rows read, sorted by length and labeled together when predicting (bounds memory;
                 larger: less padding, as rows of closer lengths share batches, and a coarser resume point). Each
-                rank's first chunk holds 1,024 rows and each next one twice as many up to this, so labeling starts
+                rank's first chunk holds 256 rows and each next one twice as many up to this, so labeling starts
                 once a small chunk is tokenized.
         """
         super().__init__()

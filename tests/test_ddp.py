@@ -331,8 +331,8 @@ def _write_parts(output: Path, n_rows: int, chunk_rows: int, world: int) -> list
 
 
 def test_chunks_start_small_and_double_on_each_rank_up_to_chunk_rows():
-    assert [chunk_size(c, 16384, 1) for c in range(7)] == [1024, 2048, 4096, 8192, 16384, 16384, 16384]
-    assert [chunk_size(c, 4096, 2) for c in range(7)] == [1024, 1024, 2048, 2048, 4096, 4096, 4096]
+    assert [chunk_size(c, 16384, 1) for c in range(8)] == [256, 512, 1024, 2048, 4096, 8192, 16384, 16384]
+    assert [chunk_size(c, 4096, 2) for c in range(9)] == [256, 256, 512, 512, 1024, 1024, 2048, 2048, 4096]
     assert chunk_size(10**6, 500, 1) == 500 and chunk_size(0, 5, 3) == 5
 
 
