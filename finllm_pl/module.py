@@ -122,12 +122,14 @@ class FinLLM(L.LightningModule):
                 on a new machine, ~3-4 s where torch's disk cache has the kernels), so predict compiles only for
                 jobs of LABEL_COMPILE_MIN_ROWS (50,000) rows or more per process. With fused_layers, only the
                 norms and MLPs it does not cover are compiled.
-            fused_layers: run RMSNorms as torch's fused rms_norm and SiLU-gated MLPs' `silu(gate) * up` as one
-                kernel each way (finllm_pl/kernels.py), in training and label scoring, with nothing to compile:
-                as fast as compile_layers' kernels without its ~5 s of compiling in each new process (H100, fast
-                config: first epoch 21.2 -> 16.5-16.7 s, later 13.3 s either way; predict 13,173 rows 2,407 ->
-                2,705-2,780 rows/s). Norm and MLP classes that compute something else keep their own forward.
-                Same results up to float rounding.
+            fused_layers: run RMSNorms as torch's fused rms_norm, SiLU-gated MLPs' `silu(gate) * up` and the
+                attention's rotary embedding as one kernel each way (finllm_pl/kernels.py, compiled by a thread
+                while the model loads), in training and label scoring, with nothing to torch.compile: as fast as
+                compile_layers' kernels without its ~5 s of compiling in each new process (H100, fast config:
+                first epoch 21.2 -> 16.5-16.7 s, later 13.3 s either way; predict 13,173 rows 2,407 -> 2,705-2,780
+                rows/s; with the rotary kernel and the compile thread 14.3-15.3 / 12.3-12.8 s). Norm, MLP and
+                attention classes that compute something else keep their own forward. Same results up to float
+                rounding (the MLP and rotary kernels bit for bit eager torch).
             dequantize_once: keep the 4-bit base dequantized (in compute dtype) for the whole run instead of
                 dequantizing every layer at every forward and backward: the same weights and results, fewer GPU
                 kernels per step, +2 bytes per base weight of memory (2.6 GB for the 1.5B model).
