@@ -29,11 +29,11 @@ Measured on an H100 (new processes, empty inductor and Triton caches):
   results/gpu/rope_kernel.json): 0.61 -> 0.49 ms forward + backward at the packed step's 2,600 tokens, 0.55-0.66
   -> 0.26-0.31 ms forward on labeling batches. Through the CLI, with the chunk padding of graphs.py (separate
   calls, new processes; results/gpu/fit_epoch_rope*.json): first epoch 16.8 -> 15.3 s, later 13.4 -> 12.8 s;
-  predict, 13,173 rows: 2,728 -> 2,893 rows/s with the wait.
+  predict, 13,173 rows: 2,728 -> 2,893 rows/s from the first batch.
 - The three kernels are compiled by a thread while the model loads (`compile_in_background`, started by the
   LightningModule's configure_model), not in the first training step: first step 2.39 -> 0.78 s, first epoch
   16.4 -> 14.3 s (one call, results/gpu/fit_epoch_compile_thread.json); labeling unchanged (2,918 and 2,842 vs
-  2,883 rows/s, results/gpu/predict_rows_compile_thread.json).
+  2,883 rows/s from the first batch, results/gpu/predict_rows_compile_thread.json).
 A module takes this route only if its class computes the same thing: its forward is run once on tiny random
 weights (CPU, fp32) against the formula (`rms_norm_class`, `silu_gated_mlp_class`, `rope_attention_class`). Off
 CUDA, or in other dtypes, the gated product runs as eager torch; the rotary embedding as eager torch in the kernel's

@@ -1,5 +1,8 @@
-"""finllm_pl/kernels.py: which norms and MLPs take the fused route, and that it computes what they compute."""
+"""finllm_pl/kernels.py: which norms, MLPs and attention layers take the fused route, and that it computes what
+they compute."""
 
+import sys
+import types
 from contextlib import contextmanager
 
 import pytest
@@ -90,14 +93,13 @@ class Elsewhere(torch.nn.Module):  # does not call the file's function
 
 
 def test_attention_takes_the_fused_rotary_route_only_with_hf_s_rotary_embedding(monkeypatch):
-    import types
     from transformers.models.qwen2 import modeling_qwen2
 
     assert kernels.rope_attention_class(modeling_qwen2.Qwen2Attention)
     other = types.ModuleType("other_model")
     exec(_INTERLEAVED, other.__dict__)
     other.Attention.__module__ = other.Elsewhere.__module__ = "other_model"
-    monkeypatch.setitem(__import__("sys").modules, "other_model", other)
+    monkeypatch.setitem(sys.modules, "other_model", other)
     assert not kernels.rope_attention_class(other.Attention)  # the file's function, other math
     monkeypatch.setattr(other, "apply_rotary_pos_emb", modeling_qwen2.apply_rotary_pos_emb)
     kernels.rope_attention_class.cache_clear()
