@@ -127,7 +127,7 @@ class FinLLM(L.LightningModule):
                 while the model loads), in training and label scoring, with nothing to torch.compile: as fast as
                 compile_layers' kernels without its ~5 s of compiling in each new process (H100, fast config:
                 first epoch 21.2 -> 16.5-16.7 s, later 13.3 s either way; predict 13,173 rows 2,407 -> 2,705-2,780
-                rows/s; with the rotary kernel and the compile thread 14.3-15.3 / 12.3-12.8 s). Norm, MLP and
+                rows/s; with the rotary kernel and the compile thread 14.3-15.1 / 12.3-12.7 s). Norm, MLP and
                 attention classes that compute something else keep their own forward. Same results up to float
                 rounding (the MLP and rotary kernels bit for bit eager torch).
             dequantize_once: keep the 4-bit base dequantized (in compute dtype) for the whole run instead of
