@@ -221,8 +221,10 @@ def _rope_fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
             and k.shape[-1] == cos.shape[-1] == sin.shape[-1] == d and not (cos.requires_grad or sin.requires_grad))
 
 
+@functools.cache
 def _fused_rope(original):
-    """`original` (a model file's apply_rotary_pos_emb) computed as _Rope where the tensors fit; as itself else."""
+    """`original` (a model file's apply_rotary_pos_emb) computed as _Rope where the tensors fit; as itself else.
+    (Made once per function: the attention layers ask for it at every call.)"""
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if args or set(kwargs) - {"unsqueeze_dim"} or not _rope_fits(q, k, cos, sin):
             return original(q, k, cos, sin, *args, **kwargs)
@@ -330,8 +332,8 @@ def rope_attention_class(cls: type) -> bool:
 
 
 def fused_layer_forwards(decoder) -> dict[torch.nn.Module, Any]:
-    """Forwards for each decoder layer's RMSNorms (and the final norm) and SiLU-gated MLP whose class passes the
-    probe; other modules are left out (model.compile_layers may compile them)."""
+    """Forwards for each decoder layer's RMSNorms (and the final norm), SiLU-gated MLP and rotary attention whose
+    class passes the probe; other modules are left out (model.compile_layers may compile the norms and MLPs)."""
     out: dict[torch.nn.Module, Any] = {}
     modules = [m for layer in decoder.layers for m in layer.modules()] + [getattr(decoder, "norm", None)]
     for m in modules:

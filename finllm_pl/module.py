@@ -223,8 +223,9 @@ class FinLLM(L.LightningModule):
         elif hp.fused_layers and fitting:
             self._train_forwards = fused_layer_forwards(hf.split_head(model)[0])
         if hp.fused_layers and fitting and not (self._graphed.fused_layers if self._graphed else self._train_forwards):
-            rank_zero_warn("model.fused_layers: none of this model's norms or MLPs computes what finllm_pl/kernels.py "
-                           "fuses (an RMSNorm, a SiLU-gated MLP); they run their own forwards")
+            rank_zero_warn("model.fused_layers: none of this model's norms, MLPs or attention layers computes what "
+                           "finllm_pl/kernels.py fuses (an RMSNorm, a SiLU-gated MLP, HF's rotary embedding); they run "
+                           "their own forwards")
         self.metrics = label_metrics(len(hp.labels)).to(device)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rank_zero_info(f"model {hp.model_name_or_path}: {n_train:,} trainable parameters, "
