@@ -39,9 +39,20 @@ class EpochClock(Callback):
         self.seconds = []
         self.losses = {}
         self.first_step_s = None
+        self.gc_ms = []  # Python's garbage collections in each epoch (ms together): host stalls
+        self._gc_t = None
+
+    def _gc_clock(self, phase, info):
+        if phase == "start":
+            self._gc_t = time.perf_counter()
+        elif self._gc_t is not None and self.gc_ms:
+            self.gc_ms[-1] += (time.perf_counter() - self._gc_t) * 1e3
 
     def on_train_epoch_start(self, trainer, pl_module):
         torch.cuda.synchronize()
+        self.gc_ms.append(0.0)
+        if self._gc_clock not in gc.callbacks:
+            gc.callbacks.append(self._gc_clock)
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -54,6 +65,8 @@ class EpochClock(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self.t0)
+        if len(self.seconds) == trainer.max_epochs and self._gc_clock in gc.callbacks:
+            gc.callbacks.remove(self._gc_clock)
         self.losses = {k: float(v) for k, v in self.losses.items()}
 
 
@@ -200,7 +213,7 @@ def main(argv=None) -> int:
                    "rows": len(dm.train_set), "tokens_per_epoch": tokens, "supervised_per_epoch": supervised, "tok_s": tokens / clock.seconds[0],
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "graphs_captured": len(g.graphs) if g is not None else 0,
-                   "first_step_s": clock.first_step_s, "captures": captures.runs if captures else None,
+                   "first_step_s": clock.first_step_s, "gc_ms": [round(x, 1) for x in clock.gc_ms], "captures": captures.runs if captures else None,
                    "captures_s": sum(c["s"] for c in captures.runs) if captures else None,
                    "losses": [round(clock.losses[k], 4) for k in sorted(clock.losses)]}
             if prof.result is not None:
@@ -212,7 +225,7 @@ def main(argv=None) -> int:
             print(f"{name}: epochs {[round(x, 1) for x in run['epochs_s']]} s, {run['steps']} steps, peak "
                   f"{run['peak_gib']:.2f} GiB, graphs {run['graphs_captured']} (captures "
                   f"{'-' if captures is None else format(run['captures_s'], '.1f')} s, first step "
-                  f"{run['first_step_s']:.1f} s)", flush=True)
+                  f"{run['first_step_s']:.1f} s), garbage collections {run['gc_ms']} ms", flush=True)
             write_results(a.out, results)  # so far: a later variant may run out of time
             if g is not None:  # the graphs hold their memory pool: free it before the next variant
                 g.graphs.clear()

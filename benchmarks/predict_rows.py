@@ -19,6 +19,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -72,8 +73,13 @@ class PredictProfiler(Callback):
     """torch.profiler over the predict loop (first batch to last): GPU busy fraction, top kernels and host ops
     (gpu_throughput.summarize_profile), and the GPU's longest idle gaps (where the wall time goes)."""
 
-    def __init__(self):
+    def __init__(self, batches: int = 0):
         self.prof, self.t0, self.result = None, None, None
+        self.batches = batches  # only the job's first this many batches (0: all)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.prof is not None and batch_idx + 1 == self.batches:
+            self.on_predict_epoch_end(trainer, pl_module)
 
     def on_predict_epoch_start(self, trainer, pl_module):
         from torch.profiler import ProfilerActivity, profile
@@ -88,6 +94,8 @@ class PredictProfiler(Callback):
 
         from gpu_throughput import summarize_profile
 
+        if self.prof is None:
+            return
         torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
         self.prof.stop()
@@ -104,6 +112,106 @@ class PredictProfiler(Callback):
                                             "largest": [{"ms": g / 1e3, "at_ms": at / 1e3}
                                                         for g, at in sorted(gaps, reverse=True)[:12]]}
         self.prof = None
+
+
+class BatchTimeline(Callback):
+    """Per batch, without a profiler (CUDA events, host clock): its rows and prompt width, when the host began it,
+    how long the host spent in it (scoring launched, the previous batch written: host_write_ms includes the wait for
+    its scores and the flush of finished chunks), the GPU's time on it (its first to
+    its last kernel, idle stretches inside included), and how long the GPU sat idle before it. Where a job's wall
+    time goes that the GPU does not use."""
+
+    def __init__(self):
+        self.marks = []
+        self.host = {}  # host seconds of this batch by part (timed_parts), moved into its mark at batch end
+
+    def timed_parts(self):
+        """Wraps, for one run, predict_step (launching the batch's scoring), the writer's wait for the previous
+        batch's scores, its writing of them, and its flush (fsync) of finished chunks: host ms per batch."""
+        from finllm_pl.module import FinLLM
+
+        originals = {(FinLLM, "predict_step"): FinLLM.predict_step, (PredictionWriter, "_write"): PredictionWriter._write,
+                     (PredictionWriter, "_flush"): PredictionWriter._flush}
+        host = self.host
+
+        def timed(name, fn):
+            def wrapper(*args, **kwargs):
+                t = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    host[name] = host.get(name, 0.0) + time.perf_counter() - t
+            return wrapper
+
+        def write(writer, prediction, chunk):
+            t = time.perf_counter()
+            if "ready" in prediction:
+                prediction["ready"].synchronize()
+            host["wait"] = host.get("wait", 0.0) + time.perf_counter() - t
+            return originals[(PredictionWriter, "_write")](writer, prediction, chunk)
+
+        FinLLM.predict_step = timed("step", originals[(FinLLM, "predict_step")])
+        PredictionWriter._write = timed("write", write)
+        PredictionWriter._flush = timed("flush", originals[(PredictionWriter, "_flush")])
+        return originals
+
+    def on_predict_epoch_start(self, trainer, pl_module):
+        from finllm_pl import kernels
+
+        self.marks, self.t0 = [], time.perf_counter()
+        self.host.clear()
+        compiler = kernels._COMPILER  # fused_layers' kernels still being compiled when labeling starts?
+        self.compiling_at_start = compiler is not None and compiler.is_alive()
+        warm_up = getattr(pl_module, "_warmup", None)  # the warm-up batch's thread still running?
+        self.warming_up_at_start = warm_up is not None and warm_up.is_alive()
+        self.gc = {"collections": 0, "ms": 0.0, "max_ms": 0.0}
+        self._gc_t = None
+        gc.callbacks.append(self._gc_clock)
+        self.origin = torch.cuda.Event(enable_timing=True)
+        self.origin.record()
+
+    def _gc_clock(self, phase, info):
+        """Python's garbage collections during the loop: a long one leaves the GPU without work."""
+        if phase == "start":
+            self._gc_t = time.perf_counter()
+        elif self._gc_t is not None:
+            ms = (time.perf_counter() - self._gc_t) * 1e3
+            self.gc.update(collections=self.gc["collections"] + 1, ms=self.gc["ms"] + ms, max_ms=max(self.gc["max_ms"], ms))
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.marks.append({"rows": int(batch["prompt_ids"].shape[0]), "width": int(batch["prompt_ids"].shape[1]),
+                           "host_start": time.perf_counter(), "start": start})
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.marks[-1].update(host_end=time.perf_counter(), end=end, parts=dict(self.host))
+        self.host.clear()
+
+    def on_predict_epoch_end(self, trainer, pl_module):
+        gc.callbacks.remove(self._gc_clock)
+
+    def summary(self) -> dict:
+        torch.cuda.synchronize()
+        rows, prev = [], self.origin
+        for m in self.marks:
+            rows.append({"rows": m["rows"], "width": m["width"],
+                         "host_start_ms": round((m["host_start"] - self.t0) * 1e3, 2),
+                         "host_ms": round((m["host_end"] - m["host_start"]) * 1e3, 2),
+                         "gpu_start_ms": round(self.origin.elapsed_time(m["start"]), 2),
+                         "gpu_ms": round(m["start"].elapsed_time(m["end"]), 2),
+                         "gpu_idle_before_ms": round(prev.elapsed_time(m["start"]), 2),
+                         **{f"{k}_ms": round(v * 1e3, 2) for k, v in m.get("parts", {}).items()}})
+            prev = m["end"]
+        idle = [r["gpu_idle_before_ms"] for r in rows]
+        parts = {f"host_{k}_ms": round(sum(r.get(f"{k}_ms", 0) for r in rows), 1) for k in ("step", "wait", "write", "flush")}
+        return {"batches": len(rows), "compiling_at_start": self.compiling_at_start,
+                "warming_up_at_start": self.warming_up_at_start, "gc": self.gc,
+                "gpu_idle_between_batches_ms": round(sum(idle), 1), **parts,
+                "gpu_idle_first_second_ms": round(sum(i for i, r in zip(idle, rows) if r["gpu_start_ms"] < 1000), 1),
+                "per_batch": rows}
 
 
 def make_adapter(model_dir: Path, out: Path) -> Path:
@@ -129,7 +237,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/gpu/predict_rows.json")
     ap.add_argument("--repeat", type=int, default=1,
                     help="label --data this many times over in one job (a longer job: fixed costs amortised)")
+    ap.add_argument("--keep", default=None, metavar="DIR", help="copy each variant's output (<variant>.jsonl) here")
     ap.add_argument("--profile", action="store_true", help="profile each predict loop (slows it; for where time goes)")
+    ap.add_argument("--profile-first", type=int, default=0, metavar="N",
+                    help="with --profile: only the loop's start to the end of its N-th batch")
     ap.add_argument("--variants", default="config,merge", help=f"comma list of {', '.join(VARIANTS)}, each optionally "
                     "+ _w<N> (N workers), _ch<N> (chunk rows), _tok<N> (batch tokens), _nocomp (compile_layers off), "
                     "_fl (fused_layers on), _nocudnn (SDPA without cuDNN)")
@@ -153,20 +264,30 @@ def main(argv=None) -> int:
             args = ["predict", "--config", results["config"], "--model.model_name_or_path", str(model_dir),
                     "--ckpt_path", str(adapter), "--data.predict_path", data, "--data.predict_output", str(out),
                     "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *extra]
-            prof = PredictProfiler()
+            prof, timeline = PredictProfiler(a.profile_first), BatchTimeline()
             before = FinLLMCLI.before_predict
-            if a.profile:  # the CLI's own predict run, with the profiler among its callbacks
-                FinLLMCLI.before_predict = lambda cli: (before(cli), cli.trainer.callbacks.append(prof))
+            # the CLI's own predict run, with the timeline (and the profiler) among its callbacks
+            FinLLMCLI.before_predict = lambda cli: (before(cli), cli.trainer.callbacks.append(timeline),
+                                                    a.profile and cli.trainer.callbacks.append(prof))
+            originals = timeline.timed_parts()
+            t0 = time.perf_counter()
             try:
                 cli = cli_main(args)
+                job_s = time.perf_counter() - t0  # the whole command: model loading, labeling, report
             finally:
                 FinLLMCLI.before_predict = before
+                for (cls, attr), fn in originals.items():
+                    setattr(cls, attr, fn)
             writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
+            if a.keep:
+                Path(a.keep).mkdir(parents=True, exist_ok=True)
+                shutil.copy(out, Path(a.keep) / out.name)
             rows = [json.loads(line) for line in out.read_text().splitlines()]
             labels[name] = [r["label"] for r in rows]
             first = next(iter(labels))
-            run = {"variant": name, "overrides": extra + (["(cuDNN attention off)"] if nocudnn else []), "rows": len(rows), **writer.speed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            run = {"variant": name, "overrides": extra + (["(cuDNN attention off)"] if nocudnn else []), "rows": len(rows), **writer.speed, "job_s": job_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "label_agreement": sum(x == y for x, y in zip(labels[first], labels[name])) / len(rows)}
+            run["timeline"] = timeline.summary()
             if prof.result is not None:
                 from gpu_throughput import profile_text
 
@@ -175,8 +296,10 @@ def main(argv=None) -> int:
             results["runs"].append(run)
             write_results(a.out, results)  # (again after every variant: a run cut short keeps what it measured)
             print(f"{name}: {run['rows']} rows in {run['seconds']:.2f} s = {run['rows_s']:,.0f} rows/s (first batch "
-                  f"after {run['first_batch_s'] or 0:.2f} s), peak "
-                  f"{run['peak_gib']:.2f} GiB, agreement with {first} {run['label_agreement']:.4f}", flush=True)
+                  f"after {run['first_batch_s'] or 0:.2f} s; the whole command {job_s:.2f} s), peak "
+                  f"{run['peak_gib']:.2f} GiB, agreement with {first} {run['label_agreement']:.4f}; GPU idle between "
+                  f"its {run['timeline']['batches']} batches {run['timeline']['gpu_idle_between_batches_ms']:.0f} ms "
+                  f"({run['timeline']['gpu_idle_first_second_ms']:.0f} in the first second)", flush=True)
             del cli
             gc.collect()
             torch.cuda.empty_cache()

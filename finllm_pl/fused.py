@@ -90,6 +90,7 @@ class LoRAGroup:
         self.bases = [_base(m) for m in modules]
         self.sizes = [b.out_features for b in self.bases]
         self._fused: tuple = ((), None, None)  # (the weights' identity, concatenated weight, bias)
+        self._lora: tuple = (((), ()), None, None)  # ((adapters' identity, them), A's concatenated, B's block-diagonal)
         self._pending: Optional[tuple] = None  # (input, outputs of the later modules)
 
     @staticmethod
@@ -121,6 +122,17 @@ class LoRAGroup:
             self._fused = (key, torch.cat([b.weight for b in self.bases]).detach(), bias)
         return self._fused[1], self._fused[2]
 
+    def _lora_weights(self, As: list[torch.Tensor], Bs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A's concatenated and B's as one block-diagonal matrix, kept while none of them changes: made at every
+        call, they are ~6 small kernels per attention layer per labeling batch, each a host launch. Without
+        gradients only (the kept tensors are made without autograd)."""
+        weights = (*As, *Bs)
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        if key != self._lora[0][0]:  # (the weights themselves are kept too: no other tensor can take their memory)
+            self._lora = ((key, weights), torch.cat(As) if len(As) > 1 else As[0],
+                          torch.block_diag(*Bs) if len(Bs) > 1 else Bs[0])
+        return self._lora[1], self._lora[2]
+
     def _first(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._pending = None
         adapters = [_adapter(m) for m in self.modules]
@@ -138,14 +150,17 @@ class LoRAGroup:
         weight, bias = self._weights()
         y = F.linear(x2, weight, bias)
         if lora:
-            h = lora_hidden(x2, As, ps[0])
-            n = len(As)
             Bs = [m.lora_B[a].weight for m, a in zip(self.modules, adapters)]
             scales = [m.scaling[a] for m, a in zip(self.modules, adapters)]
             alpha = scales[0]  # one scale (the usual): the matmul applies it
             if len(set(scales)) > 1:
                 Bs, alpha = [B * s for B, s in zip(Bs, scales)], 1.0
-            y = torch.addmm(y, h, (torch.block_diag(*Bs) if n > 1 else Bs[0]).t(), alpha=alpha)
+            if ps[0] == 0 and not torch.is_grad_enabled():  # labeling: the same A's and B's batch after batch
+                A, B = self._lora_weights(As, Bs)
+                y = torch.addmm(y, F.linear(x2, A), B.t(), alpha=alpha)
+            else:
+                h = lora_hidden(x2, As, ps[0])
+                y = torch.addmm(y, h, (torch.block_diag(*Bs) if len(Bs) > 1 else Bs[0]).t(), alpha=alpha)
         outs = [o.unflatten(0, x.shape[:-1]) for o in (y.split(self.sizes, -1) if len(self.sizes) > 1 else [y])]
         if len(outs) > 1:
             self._pending = (x, outs[1:])

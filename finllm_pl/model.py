@@ -125,6 +125,30 @@ def load_base_model(
     return model
 
 
+def stand_in_model(name: str, compute_dtype: torch.dtype, device: torch.device, r: int, alpha: int,
+                   target_modules: Sequence[str], attn_implementation: Optional[str] = "sdpa",
+                   trust_remote_code: bool = False, vocab_size: Optional[int] = None):
+    """`name`'s architecture (its config) cut to one decoder layer, with a fresh LoRA, made on
+    `device` in the compute dtype: the same module classes and matrix shapes as the real model, to run a made-up
+    batch through while the real model loads (FinLLM's predict warm-up: CUDA loads each kernel's code at its
+    first launch). Its weights are left uninitialized (made on the meta device, then given memory): nothing is
+    drawn from the random generators. `vocab_size`: a smaller vocabulary (embedding and head) than the real one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    config.num_hidden_layers = 1
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:1]
+    kwargs: dict[str, Any] = {"dtype": compute_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    with torch.device("meta"):
+        model = add_lora(AutoModelForCausalLM.from_config(config, **kwargs), r, alpha, 0.0, target_modules)
+    return model.to_empty(device=device)
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Short names of the linear layers LoRA can target (q_proj, ...), excluding the output head."""
     import bitsandbytes as bnb  # noqa: F401  (registers Linear4bit)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Literal, Optional
@@ -29,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from . import model as hf
 from .callbacks import check_adapter_matches
+from .data import collate_prompts
 from .errors import ConfigError, FinLLMError, ModelError
 from .fused import fused_forwards
 from .graphs import GraphedLossBackward, compiled_forwards, fast_modules, row_chunks
@@ -45,6 +47,32 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #   compiled    9.8    12.0    19.4    50.8  s
 #   plain       5.7    10.3    19.6    55.2  s
 LABEL_COMPILE_MIN_ROWS = 50_000
+WARM_UP_DEVICES = ("cuda",)  # predict's warm-up batch (FinLLM._start_warm_up) runs on these device types
+WARM_UP_ROWS = 384  # of 16 shared + 8-40 own tokens: ~14,000 tokens after the prefix, as a real batch has
+WARM_UP_VOCAB = 4096  # the stand-in's vocabulary (the real one's embedding would take 0.5 GB beside the loading)
+
+
+def warm_up_batch(n_labels: int, device: torch.device) -> dict[str, Any]:
+    """A made-up labeling batch shaped like real ones (WARM_UP_ROWS prompts of a 16-token shared prefix and 8-40
+    own tokens, n_labels labels of 2 tokens), drawn on the host from a seeded generator of its own, whatever the
+    default device (Lightning's configure_model runs under the GPU's), then moved to `device`."""
+    with torch.device("cpu"):
+        g = torch.Generator().manual_seed(0)
+        prefix = torch.randint(WARM_UP_VOCAB, (16,), generator=g).tolist()
+        prompts = [prefix + torch.randint(WARM_UP_VOCAB, (int(n),), generator=g).tolist()
+                   for n in torch.randint(8, 41, (WARM_UP_ROWS,), generator=g)]
+        batch = collate_prompts(prompts, 0, torch.randint(WARM_UP_VOCAB, (n_labels, 2), generator=g).tolist())
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@contextmanager
+def labeling_modules(model, forwards: dict, device: torch.device):
+    """The fast forwards in place for label scoring (graphs.fast_modules): LoRA inputs uncast under low-precision
+    autocast, attention off cuDNN on CUDA."""
+    autocast = torch.is_autocast_enabled(device.type)
+    low = autocast and torch.get_autocast_dtype(device.type) != torch.float32
+    with fast_modules(model, forwards, uncast_lora_input=low, skip_cudnn_attention=device.type == "cuda"):
+        yield
 
 
 class NonFiniteError(FinLLMError):
@@ -182,6 +210,7 @@ class FinLLM(L.LightningModule):
         self._fused_forwards: Optional[dict] = None  # labeling's: fused.py's linears (+ kernels.py's norms and MLPs)
         self._train_forwards: Optional[dict] = None  # model.fused_layers in the eager training step
         self._merged = False  # model.merge_for_labeling done
+        self._warmup: Optional[threading.Thread] = None  # predict's warm-up labeling pass (_start_warm_up)
 
     # -- model -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -195,6 +224,8 @@ class FinLLM(L.LightningModule):
             torch.set_flush_denormal(True)
         if hp.fused_layers:
             compile_in_background(device, dtype)  # kernels.py's kernels, compiled while the model loads
+        if self._trainer is not None and self.trainer.state.fn == "predict":
+            self._start_warm_up(device, dtype)
         self.tokenizer = hf.load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
         base = hf.load_base_model(hp.model_name_or_path, hp.quantization, dtype, device, hp.attn_implementation,
                                   hp.trust_remote_code)
@@ -416,7 +447,53 @@ class FinLLM(L.LightningModule):
         self.metrics.reset()
         self._prefix_memo = {}  # prefix KV caches of this run only: training changes the adapter between runs
 
+    def _start_warm_up(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Label a made-up batch with a one-layer stand-in of the model (hf.stand_in_model: its classes and
+        matrix shapes, uninitialized weights) in a thread while the real model loads, so that the first real batch
+        does not pay for what only a process's first batch pays: CUDA loads each kernel's code at its first
+        launch, cuBLAS sets up. On an H100, the first batch of a 13,173-row job took ~0.65 s, the next ones ~0.1 s.
+        The batch is shaped like real ones (WARM_UP_ROWS); its scores are thrown away. Label scoring on
+        WARM_UP_DEVICES only; on_predict_epoch_start waits for it.
+        The stand-in is built and the fast paths' forwards are probed here, in this thread, before the real model
+        loads: transformers' loading patches torch process-wide (e.g. new parameters made on the meta device),
+        so nothing that makes modules may run beside it. The thread only runs the forward."""
+        hp = self.hparams
+        if device.type not in WARM_UP_DEVICES or hp.predict_mode != "score":
+            return
+        try:
+            model = hf.stand_in_model(hp.model_name_or_path, dtype, device, hp.lora_r, hp.lora_alpha,
+                                      hp.lora_target_modules, hp.attn_implementation, hp.trust_remote_code,
+                                      vocab_size=WARM_UP_VOCAB)
+            model.eval()
+            decoder = hf.split_head(model)[0]
+            forwards = {**fused_forwards(decoder), **(fused_layer_forwards(decoder) if hp.fused_layers else {})}
+            batch = warm_up_batch(len(hp.labels), device)
+        except Exception as e:  # (the first real batch then pays, as it would without this)
+            rank_zero_warn(f"predict's warm-up batch could not be made ({type(e).__name__}: {e}); labeling goes on")
+            return
+        context = self.trainer.precision_plugin.predict_step_context()  # (autocast's state is per thread)
+        self._warmup = threading.Thread(target=self._warm_up, args=(model, forwards, batch, device, context),
+                                        name="finllm-warm-up", daemon=True)
+        self._warmup.start()  # (Thread.run drops its arguments when done: the stand-in is freed then)
+
+    def _warm_up(self, model, forwards: dict, batch: dict[str, Any], device: torch.device, context) -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # (a new thread starts on GPU 0; under DDP its rank's GPU)
+            with torch.inference_mode(), context, labeling_modules(model, forwards, device):
+                score_labels(model, batch["prompt_ids"], batch["prompt_mask"], batch["label_ids"],
+                             batch["label_mask"], min_prefix=8 if self.hparams.prefix_reuse else 0, prefix_memo={},
+                             prefix=batch["prefix_ids"]).cpu()  # (waits for the GPU)
+        except Exception as e:
+            rank_zero_warn(f"predict's warm-up batch failed ({type(e).__name__}: {e}); labeling goes on without it")
+
+    def _wait_for_warm_up(self) -> None:
+        if self._warmup is not None:
+            self._warmup.join()
+            self._warmup = None
+
     def on_predict_epoch_start(self) -> None:
+        self._wait_for_warm_up()
         self._merge_for_labeling()
         self._prefix_memo = {}
         self._label_forwards = None
@@ -456,10 +533,7 @@ class FinLLM(L.LightningModule):
         forwards = self._labeling_forwards()
         if self._label_forwards is not None and self.trainer.state.fn == "predict":  # (set by predict runs only)
             forwards = self._label_forwards
-        autocast = torch.is_autocast_enabled(self.device.type)
-        low = autocast and torch.get_autocast_dtype(self.device.type) != torch.float32
-        with fast_modules(self.model, forwards, uncast_lora_input=low,
-                          skip_cudnn_attention=self.device.type == "cuda"):
+        with labeling_modules(self.model, forwards, self.device):
             yield
 
     def _score(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -158,6 +158,39 @@ def test_fused_linears_see_merged_adapters_and_fall_back_to_peft_outside_the_pla
     torch.testing.assert_close(got[2], attn.v_proj(x))
 
 
+def test_fused_lora_keeps_its_adapter_matrices_without_gradients_until_they_change(monkeypatch):
+    """Labeling (no gradients) concatenates the A's and builds the B's block-diagonal once, not at every call; an
+    adapter written in place (an optimizer step, a loaded checkpoint) makes them again; with gradients, every
+    call makes its own (autograd must see them)."""
+    model, attn = _identity_lora(dropout=0.0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    forwards = fused_forwards(model)
+    x = torch.randn(5, 8)
+    made = []
+    block_diag = torch.block_diag
+    monkeypatch.setattr(torch, "block_diag", lambda *ts: made.append(1) or block_diag(*ts))
+
+    def same_as_peft(grad: bool) -> int:
+        del made[:]
+        with torch.no_grad():
+            ref = [getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
+        with torch.set_grad_enabled(grad):
+            got = _qkv(attn, forwards, x)
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r)
+        return len(made)
+
+    assert same_as_peft(grad=False) == 1
+    assert same_as_peft(grad=False) == 0  # kept
+    with torch.no_grad():
+        attn.k_proj.lora_A["default"].weight.mul_(2.0)  # in place, as an optimizer step writes it
+    assert same_as_peft(grad=False) == 1  # made again, and the new adapter is used
+    assert same_as_peft(grad=True) == 1 and same_as_peft(grad=True) == 1
+
+
 def test_fused_forwards_skip_attention_layers_whose_linears_do_not_fit():
     """LoRA on q and v only (k a plain frozen linear): q/k/v are not one group; q, v and o run alone."""
     model = _tiny("qwen2", targets=("q_proj", "v_proj", "o_proj"))

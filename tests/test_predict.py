@@ -2,6 +2,7 @@
 
 import csv
 import json
+import threading
 import time
 import types
 from pathlib import Path
@@ -425,3 +426,50 @@ def test_fused_layers_label_like_the_modules_own_forwards(tmp_path, trained, mon
     for a, b in zip(plain, fused):
         assert a["id"] == b["id"] and a["label"] == b["label"]
         assert max(abs(a["probs"][k] - b["probs"][k]) for k in a["probs"]) < 1e-5
+
+
+def test_warm_up_batch_runs_before_the_first_batch_and_changes_nothing(tmp_path, trained, monkeypatch):
+    """predict's made-up warm-up batch (a thread, started before the model loads; CUDA only, here let onto the
+    CPU) is scored to the end before any real batch; the labels and probabilities stay exactly the same, and the
+    real model gets the same fast forwards (the stand-in is built, and its classes probed, before the loading)."""
+    from finllm_pl import kernels, module
+
+    _, adapter, _ = trained
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
+    fused = ["--model.fused_layers", "true"]
+    plain = _predict(inp, tmp_path / "plain.jsonl", *fused, ckpt=adapter)
+    calls = []
+    score_labels = module.score_labels
+
+    def recorded(model, prompt_ids, *args, **kwargs):
+        out = score_labels(model, prompt_ids, *args, **kwargs)
+        calls.append((threading.current_thread().name, prompt_ids.shape[0]))
+        return out
+
+    monkeypatch.setattr(module, "score_labels", recorded)
+    monkeypatch.setattr(module, "WARM_UP_DEVICES", ("cuda", "cpu"))
+    for probe in (kernels.rms_norm_class, kernels.rope_attention_class):
+        probe.cache_clear()  # (probed afresh in this run, by the warm-up)
+    forwards = []
+    labeling = module.FinLLM._labeling_forwards
+    monkeypatch.setattr(module.FinLLM, "_labeling_forwards",
+                        lambda self: forwards.append(labeling(self)) or forwards[-1])
+    warm = _predict(inp, tmp_path / "warm.jsonl", *fused, ckpt=adapter)
+    assert calls[0] == ("finllm-warm-up", module.WARM_UP_ROWS)  # finished, and first
+    assert len(calls) > 1 and all(name == threading.current_thread().name for name, _ in calls[1:])
+    assert warm == plain
+    norms = [f for f in forwards[0].values() if getattr(f, "__func__", None) is kernels._norm_forward]
+    assert len(norms) == 2 * 2 + 1  # the tiny model's 2 layers' two norms, and the final norm
+
+
+def test_warm_up_batch_is_made_on_the_host_under_any_default_device():
+    """Lightning's configure_model runs under the GPU as default device; the made-up batch is drawn from a CPU
+    generator all the same (else: 'Expected a cuda device type for generator'), shaped like a real batch."""
+    from finllm_pl import module
+
+    with torch.device("meta"):  # (a default device other than the CPU: what the GPU's would be)
+        batch = module.warm_up_batch(3, torch.device("cpu"))
+    assert batch["prompt_ids"].device.type == "cpu" and batch["prompt_ids"].shape[0] == module.WARM_UP_ROWS
+    assert batch["label_ids"].shape == (3, 2) and len(batch["prefix_ids"]) >= 16
+    assert int(batch["prompt_ids"].max()) < module.WARM_UP_VOCAB
