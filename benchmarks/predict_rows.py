@@ -130,8 +130,13 @@ class BatchTimeline(Callback):
         batch's scores, its writing of them, and its flush (fsync) of finished chunks: host ms per batch."""
         from finllm_pl.module import FinLLM
 
+        from torch.utils.data import DataLoader
+        from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter as Workers
+
         originals = {(FinLLM, "predict_step"): FinLLM.predict_step, (PredictionWriter, "_write"): PredictionWriter._write,
-                     (PredictionWriter, "_flush"): PredictionWriter._flush}
+                     (PredictionWriter, "_flush"): PredictionWriter._flush, (DataLoader, "__iter__"): DataLoader.__iter__,
+                     (Workers, "__next__"): Workers.__next__,
+                     (FinLLM, "on_predict_epoch_start"): FinLLM.on_predict_epoch_start}
         host = self.host
 
         def timed(name, fn):
@@ -151,6 +156,9 @@ class BatchTimeline(Callback):
             return originals[(PredictionWriter, "_write")](writer, prediction, chunk)
 
         FinLLM.predict_step = timed("step", originals[(FinLLM, "predict_step")])
+        DataLoader.__iter__ = timed("loader_iter", originals[(DataLoader, "__iter__")])  # (forks the workers)
+        Workers.__next__ = timed("loader_next", originals[(Workers, "__next__")])  # (waits for a batch)
+        FinLLM.on_predict_epoch_start = timed("epoch_hook", originals[(FinLLM, "on_predict_epoch_start")])
         PredictionWriter._write = timed("write", write)
         PredictionWriter._flush = timed("flush", originals[(PredictionWriter, "_flush")])
         return originals
@@ -159,6 +167,7 @@ class BatchTimeline(Callback):
         from finllm_pl import kernels
 
         self.marks, self.t0 = [], time.perf_counter()
+        self.before = {f"{k}_ms": round(v * 1e3, 2) for k, v in self.host.items()}  # (the first batch's wait)
         self.host.clear()
         compiler = kernels._COMPILER  # fused_layers' kernels still being compiled when labeling starts?
         self.compiling_at_start = compiler is not None and compiler.is_alive()
@@ -206,9 +215,9 @@ class BatchTimeline(Callback):
                          **{f"{k}_ms": round(v * 1e3, 2) for k, v in m.get("parts", {}).items()}})
             prev = m["end"]
         idle = [r["gpu_idle_before_ms"] for r in rows]
-        parts = {f"host_{k}_ms": round(sum(r.get(f"{k}_ms", 0) for r in rows), 1) for k in ("step", "wait", "write", "flush")}
+        parts = {f"host_{k}_ms": round(sum(r.get(f"{k}_ms", 0) for r in rows), 1) for k in ("step", "wait", "write", "flush", "loader_next", "epoch_hook")}
         return {"batches": len(rows), "compiling_at_start": self.compiling_at_start,
-                "warming_up_at_start": self.warming_up_at_start, "gc": self.gc,
+                "warming_up_at_start": self.warming_up_at_start, "gc": self.gc, "before_loop": self.before,
                 "gpu_idle_between_batches_ms": round(sum(idle), 1), **parts,
                 "gpu_idle_first_second_ms": round(sum(i for i, r in zip(idle, rows) if r["gpu_start_ms"] < 1000), 1),
                 "per_batch": rows}

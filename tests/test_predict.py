@@ -473,3 +473,27 @@ def test_warm_up_batch_is_made_on_the_host_under_any_default_device():
     assert batch["prompt_ids"].device.type == "cpu" and batch["prompt_ids"].shape[0] == module.WARM_UP_ROWS
     assert batch["label_ids"].shape == (3, 2) and len(batch["prefix_ids"]) >= 16
     assert int(batch["prompt_ids"].max()) < module.WARM_UP_VOCAB
+
+
+def test_predict_workers_hand_the_gil_over_sooner(tmp_path, monkeypatch):
+    """predict's DataLoader workers run with a short GIL switch interval (data.prompt_worker_init), so a batch a
+    worker has made reaches the main process while the worker tokenizes its next chunk; the main process keeps
+    Python's default."""
+    import sys
+
+    from finllm_pl import data
+
+    src = tmp_path / "in.txt"
+    src.write_text("up\ndown\n")
+    dm = data.InstructionDataModule(train_path=None, predict_path=str(src), predict_output=str(tmp_path / "o.jsonl"),
+                                    num_workers=2)
+    dm.setup("predict")
+    loader = dm.predict_dataloader()
+    assert loader.worker_init_fn is data.prompt_worker_init
+    before = sys.getswitchinterval()
+    try:
+        loader.worker_init_fn(0)
+        assert sys.getswitchinterval() == pytest.approx(data.PROMPT_WORKER_SWITCH_S)
+        assert data.PROMPT_WORKER_SWITCH_S < before
+    finally:
+        sys.setswitchinterval(before)
