@@ -128,8 +128,8 @@ def load_base_model(
 def stand_in_model(name: str, compute_dtype: torch.dtype, device: torch.device, r: int, alpha: int,
                    target_modules: Sequence[str], attn_implementation: Optional[str] = "sdpa",
                    trust_remote_code: bool = False, vocab_size: Optional[int] = None):
-    """`name`'s architecture (its config) cut to one decoder layer, with a fresh LoRA, made on
-    `device` in the compute dtype: the same module classes and matrix shapes as the real model, to run a made-up
+    """`name`'s architecture (its config) cut to one decoder layer, with a fresh LoRA, made on `device` in the
+    compute dtype: the same module classes and matrix shapes as the real model, to run a made-up
     batch through while the real model loads (FinLLM's predict warm-up: CUDA loads each kernel's code at its
     first launch). Its weights are left uninitialized (made on the meta device, then given memory): nothing is
     drawn from the random generators. `vocab_size`: a smaller vocabulary (embedding and head) than the real one."""

@@ -476,9 +476,9 @@ def test_warm_up_batch_is_made_on_the_host_under_any_default_device():
 
 
 def test_predict_workers_hand_the_gil_over_sooner(tmp_path, monkeypatch):
-    """predict's DataLoader workers run with a short GIL switch interval (data.prompt_worker_init), so a batch a
-    worker has made reaches the main process while the worker tokenizes its next chunk; the main process keeps
-    Python's default."""
+    """predict's DataLoader workers run with a GIL switch interval shorter than Python's default
+    (data.prompt_worker_init), so a batch a worker has made reaches the main process while the worker tokenizes
+    its next chunk."""
     import sys
 
     from finllm_pl import data
