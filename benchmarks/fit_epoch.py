@@ -31,6 +31,30 @@ from finllm_pl.__main__ import cli_main  # noqa: E402
 from finllm_pl.assets import build_random_qwen_1_5b  # noqa: E402
 
 
+class GCClock:
+    """Python's garbage collections while started: a long one holds the host while the GPU runs out of work."""
+
+    def __init__(self):
+        self.collections, self.ms, self.max_ms, self._t = 0, 0.0, 0.0, None
+
+    def _clock(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            ms = (time.perf_counter() - self._t) * 1e3
+            self.collections, self.ms, self.max_ms = self.collections + 1, self.ms + ms, max(self.max_ms, ms)
+
+    def start(self):
+        self.collections, self.ms, self.max_ms, self._t = 0, 0.0, 0.0, None
+        if self._clock not in gc.callbacks:
+            gc.callbacks.append(self._clock)
+
+    def stop(self) -> dict:
+        if self._clock in gc.callbacks:
+            gc.callbacks.remove(self._clock)
+        return {"collections": self.collections, "ms": self.ms, "max_ms": self.max_ms}
+
+
 class EpochClock(Callback):
     """Wall time of each training epoch and the per-step losses."""
 
@@ -40,19 +64,11 @@ class EpochClock(Callback):
         self.losses = {}
         self.first_step_s = None
         self.gc_ms = []  # Python's garbage collections in each epoch (ms together): host stalls
-        self._gc_t = None
-
-    def _gc_clock(self, phase, info):
-        if phase == "start":
-            self._gc_t = time.perf_counter()
-        elif self._gc_t is not None and self.gc_ms:
-            self.gc_ms[-1] += (time.perf_counter() - self._gc_t) * 1e3
+        self.gc = GCClock()
 
     def on_train_epoch_start(self, trainer, pl_module):
         torch.cuda.synchronize()
-        self.gc_ms.append(0.0)
-        if self._gc_clock not in gc.callbacks:
-            gc.callbacks.append(self._gc_clock)
+        self.gc.start()
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -65,8 +81,7 @@ class EpochClock(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self.t0)
-        if len(self.seconds) == trainer.max_epochs and self._gc_clock in gc.callbacks:
-            gc.callbacks.remove(self._gc_clock)
+        self.gc_ms.append(self.gc.stop()["ms"])
         self.losses = {k: float(v) for k, v in self.losses.items()}
 
 

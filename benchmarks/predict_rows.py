@@ -34,7 +34,7 @@ from lightning.pytorch import Callback  # noqa: E402
 from finllm_pl.__main__ import FinLLMCLI, cli_main  # noqa: E402
 from finllm_pl.assets import build_random_qwen_1_5b  # noqa: E402
 from finllm_pl.predict import PredictionWriter  # noqa: E402
-from fit_epoch import write_results  # noqa: E402  (benchmarks/ is on the path: the script's folder)
+from fit_epoch import GCClock, write_results  # noqa: E402  (benchmarks/ is on the path: the script's folder)
 
 VARIANTS = {  # name: overrides of the fast config
     "rows1024": ["--data.eval_batch_size", "1024", "--data.eval_batch_tokens", "null"],
@@ -124,6 +124,7 @@ class BatchTimeline(Callback):
     def __init__(self):
         self.marks = []
         self.host = {}  # host seconds of this batch by part (timed_parts), moved into its mark at batch end
+        self.gc_clock, self.gc = GCClock(), {}
 
     def timed_parts(self):
         """Wraps, for one run, predict_step (launching the batch's scoring), the writer's wait for the previous
@@ -173,19 +174,9 @@ class BatchTimeline(Callback):
         self.compiling_at_start = compiler is not None and compiler.is_alive()
         warm_up = getattr(pl_module, "_warmup", None)  # the warm-up batch's thread still running?
         self.warming_up_at_start = warm_up is not None and warm_up.is_alive()
-        self.gc = {"collections": 0, "ms": 0.0, "max_ms": 0.0}
-        self._gc_t = None
-        gc.callbacks.append(self._gc_clock)
+        self.gc_clock.start()
         self.origin = torch.cuda.Event(enable_timing=True)
         self.origin.record()
-
-    def _gc_clock(self, phase, info):
-        """Python's garbage collections during the loop: a long one leaves the GPU without work."""
-        if phase == "start":
-            self._gc_t = time.perf_counter()
-        elif self._gc_t is not None:
-            ms = (time.perf_counter() - self._gc_t) * 1e3
-            self.gc.update(collections=self.gc["collections"] + 1, ms=self.gc["ms"] + ms, max_ms=max(self.gc["max_ms"], ms))
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         start = torch.cuda.Event(enable_timing=True)
@@ -200,7 +191,7 @@ class BatchTimeline(Callback):
         self.host.clear()
 
     def on_predict_epoch_end(self, trainer, pl_module):
-        gc.callbacks.remove(self._gc_clock)
+        self.gc = self.gc_clock.stop()
 
     def summary(self) -> dict:
         torch.cuda.synchronize()

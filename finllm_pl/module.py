@@ -65,6 +65,12 @@ def warm_up_batch(n_labels: int, device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def labeling_forwards(decoder, fused_layers: bool) -> dict:
+    """Label scoring's forwards: fused.py's attention linears and (model.fused_layers) kernels.py's norms, MLPs
+    and rotary attention."""
+    return {**fused_forwards(decoder), **(fused_layer_forwards(decoder) if fused_layers else {})}
+
+
 @contextmanager
 def labeling_modules(model, forwards: dict, device: torch.device):
     """The fast forwards in place for label scoring (graphs.fast_modules): LoRA inputs uncast under low-precision
@@ -469,8 +475,7 @@ class FinLLM(L.LightningModule):
                                       hp.lora_target_modules, hp.attn_implementation, hp.trust_remote_code,
                                       vocab_size=WARM_UP_VOCAB)
             model.eval()
-            decoder = hf.split_head(model)[0]
-            forwards = {**fused_forwards(decoder), **(fused_layer_forwards(decoder) if hp.fused_layers else {})}
+            forwards = labeling_forwards(hf.split_head(model)[0], hp.fused_layers)
             batch = warm_up_batch(len(hp.labels), device)
         except Exception as e:  # (the first real batch then pays, as it would without this)
             rank_zero_warn(f"predict's warm-up batch could not be made ({type(e).__name__}: {e}); labeling goes on")
@@ -518,9 +523,7 @@ class FinLLM(L.LightningModule):
     def _labeling_forwards(self) -> dict:
         """Labeling's forwards, made once: fused.py's linears and (model.fused_layers) kernels.py's norms and MLPs."""
         if self._fused_forwards is None:
-            decoder = hf.split_head(self.model)[0]
-            layers = fused_layer_forwards(decoder) if self.hparams.fused_layers else {}
-            self._fused_forwards = {**fused_forwards(decoder), **layers}
+            self._fused_forwards = labeling_forwards(hf.split_head(self.model)[0], self.hparams.fused_layers)
         return self._fused_forwards
 
     @contextmanager
