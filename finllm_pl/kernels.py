@@ -52,6 +52,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .attention import REGISTRY, FoldedAttention
+
 # NVRTC code for torch.cuda.jiterator, math in fp32 (torch's opmath for bf16 and fp32). Jiterator may hand a bf16
 # kernel fp32 values (T), so where eager torch rounds an intermediate to bf16 (silu's output, the product's
 # gradient), R rounds it explicitly (to nearest even, as a bf16 store does); R is the identity for fp32 tensors.
@@ -235,14 +237,18 @@ def _fused_rope(original):
 
 def _attention_forward(self, *args, **kwargs):
     """The attention class's own forward, with its model file's apply_rotary_pos_emb swapped for the fused one
-    while it runs (the forward looks the function up in the file's globals at every call)."""
+    while it runs (the forward looks the function up in the file's globals at every call); without gradients
+    (label scoring), its attention registry too, for one that folds grouped query heads (attention.py)."""
     namespace = sys.modules[type(self).__module__].__dict__
-    original = namespace[ROPE]
-    namespace[ROPE] = _fused_rope(original)
+    swaps = {ROPE: _fused_rope(namespace[ROPE])}
+    if REGISTRY in namespace and not torch.is_grad_enabled():
+        swaps[REGISTRY] = FoldedAttention(namespace[REGISTRY])
+    originals = {name: namespace[name] for name in swaps}
+    namespace.update(swaps)
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:
-        namespace[ROPE] = original
+        namespace.update(originals)
 
 
 def _eps(m: torch.nn.Module) -> Optional[float]:

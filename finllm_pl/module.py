@@ -67,7 +67,7 @@ def warm_up_batch(n_labels: int, device: torch.device) -> dict[str, Any]:
 
 def labeling_forwards(decoder, fused_layers: bool) -> dict:
     """Label scoring's forwards: fused.py's attention linears and (model.fused_layers) kernels.py's norms, MLPs
-    and rotary attention."""
+    and rotary attention (which, without gradients on CUDA, folds grouped query heads: attention.py)."""
     return {**fused_forwards(decoder), **(fused_layer_forwards(decoder) if fused_layers else {})}
 
 
@@ -163,7 +163,9 @@ class FinLLM(L.LightningModule):
                 first epoch 21.2 -> 16.5-16.7 s, later 13.3 s either way; predict 13,173 rows 2,407 -> 2,705-2,780
                 rows/s; with the rotary kernel and the compile thread 14.3-15.1 / 12.3-12.7 s). Norm, MLP and
                 attention classes that compute something else keep their own forward. Same results up to float
-                rounding (the MLP and rotary kernels bit for bit eager torch).
+                rounding (the MLP and rotary kernels bit for bit eager torch). In label scoring on CUDA the
+                attention also runs its grouped query heads without repeating keys/values (finllm_pl/attention.py:
+                the same bits, 13,173 rows' GPU time 4.17-4.33 -> 3.86-3.97 s with fused.py's in-place LoRA add).
             dequantize_once: keep the 4-bit base dequantized (in compute dtype) for the whole run instead of
                 dequantizing every layer at every forward and backward: the same weights and results, fewer GPU
                 kernels per step, +2 bytes per base weight of memory (2.6 GB for the 1.5B model).

@@ -7,7 +7,8 @@ DDP, chunk c goes to rank c % world_size: no row is labeled twice and no sampler
 a rank, DataLoader workers take turns by chunk (worker w of W reads every row but tokenizes only the rank's
 chunks w, w + W, ...): tokenizing is the CPU's share of labeling, and one process alone keeps an H100 waiting.
 Their batches are taken as they come (not worker by worker in turn), so a worker busy tokenizing its next chunk
-holds up no one while the others have batches.
+holds up no one while the others have batches. The workers start in the DataModule's setup, before the model
+loads (PredictLoader.start): the first batches are ready when labeling starts.
 
 Writing: each rank appends finished chunks, in input order (a chunk that finishes early waits for the ones
 before it), to its part file and records its progress
@@ -31,7 +32,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from .data import budget_batches, collate_prompts
 from .prompts import PromptFormatter
@@ -115,8 +116,13 @@ class PredictStream(IterableDataset):
         self.batch_size, self.chunk_rows, self.max_length = batch_size, chunk_rows, max_length
         self.rank, self.world_size, self.start_chunk = rank, world_size, start_chunk
         self.max_tokens = max_tokens
-        self.created = time.perf_counter()  # the job's clock: PredictionWriter reports the wait for the first batch
+        self.created = time.perf_counter()
+        self.asked: Optional[float] = None  # when the loop asked for its batches (PredictionWriter: the wait from it)
+        self.started: Optional[Iterator] = None  # an iterator made ahead of the loop (PredictLoader.start)
         self.longest_label = max(labels, key=lambda s: len(formatter.encode_answer(s)))
+
+    def __getstate__(self) -> dict[str, Any]:  # (workers started by spawn get the stream without any iterator)
+        return {**self.__dict__, "started": None}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rows = iter_rows(self.path, instruction=self.instruction, need_output=False, text_column=self.text_column)
@@ -141,6 +147,21 @@ class PredictStream(IterableDataset):
                 batch["rows"] = [(chunk[i].index, chunk[i].id, chunk[i].output) for i in idx]
                 batch["chunk"] = (c, len(chunk))
                 yield batch
+
+
+class PredictLoader(DataLoader):
+    """predict's DataLoader. `start()` makes its iterator ahead of the loop: with workers, they fork and begin
+    reading and tokenizing then. The loop's first iter() takes that iterator, from the stream: Lightning makes its
+    own loader for predict from the hook's one's arguments, and they share the stream."""
+
+    def start(self) -> None:
+        self.dataset.started = super().__iter__()
+
+    def __iter__(self):
+        stream = self.dataset
+        stream.asked = time.perf_counter()
+        started, stream.started = stream.started, None
+        return started if started is not None else super().__iter__()
 
 
 def parse_generated(text: str, labels: Sequence[str]) -> Optional[str]:
@@ -175,10 +196,11 @@ class PredictionWriter(BasePredictionWriter):
         self.rank, self.world = trainer.global_rank, trainer.world_size
         self.t0, self.labeled, self.in_flight = time.perf_counter(), 0, None
         # Lightning fetches the first batch of a stream before this hook: the wait for it (reading and tokenizing
-        # the first chunks, the GPU idle) is measured from the stream's creation and reported apart.
+        # the first chunks, the GPU idle) is measured from when the loop asked for it (or the stream's creation)
+        # and reported apart. (Workers started ahead of the loop have read and tokenized during model loading.)
         stream = getattr(trainer.predict_dataloaders, "dataset", None)
-        created = getattr(stream, "created", None)
-        self.first_batch_s = self.t0 - created if created is not None else None
+        asked = getattr(stream, "asked", None) or getattr(stream, "created", None)
+        self.first_batch_s = self.t0 - asked if asked is not None else None
         self.done_before = finished_earlier(self.output, self.world, self.expect)  # the data yields nothing then
         if self.done_before:
             return

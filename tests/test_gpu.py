@@ -323,3 +323,28 @@ def test_fused_norms_keep_the_input_dtype_under_autocast():
             ref, got = m(x), forwards[m](x)
             assert got.dtype == ref.dtype == torch.bfloat16
             torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("rows,queries,prefix", [(239, 95, 45), (520, 21, 45), (17, 19, 45), (64, 60, 0)])
+def test_folded_attention_is_hf_s_sdpa_bit_for_bit(rows, queries, prefix):
+    """attention.folded_sdpa at labeling's shapes (the 1.5B model's 12 query heads on 2 key/value heads, a
+    boolean mask over prefix + own keys) against HF's sdpa path (repeat_kv): the same memory-efficient kernel
+    computes each query row from the same keys and mask, so the same bits."""
+    import types
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from finllm_pl.attention import folded_sdpa
+
+    torch.manual_seed(0)
+    keys = queries + prefix
+    q = torch.randn(rows, queries, 12, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(rows, 2, keys, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.rand(rows, 1, queries, keys, device="cuda") > 0.3
+    mask[..., 0] = True
+    module = types.SimpleNamespace(num_key_value_groups=6, is_causal=True)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=128 ** -0.5)
+        got, _ = folded_sdpa(module, q, k, v, mask, 128 ** -0.5)
+    assert got.shape == ref.shape and torch.equal(got, ref)

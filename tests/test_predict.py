@@ -266,6 +266,52 @@ def test_token_budget_batches_label_like_row_batches(tmp_path, trained):
     assert [r["id"] for r in workers] == [r["id"] for r in rows] and [r["label"] for r in workers] == [r["label"] for r in rows]
 
 
+def test_predict_workers_read_while_the_model_loads_and_the_loop_takes_their_iterator(tmp_path, trained,
+                                                                                     monkeypatch):
+    """With workers, setup forks them (Lightning runs it before configure_model, which loads the model): they are
+    reading when the model loads, the loop labels from that iterator (no second fork), and the labels are those
+    of a run without workers."""
+    from torch.utils.data import DataLoader
+
+    from finllm_pl.module import FinLLM
+
+    _, adapter, _ = trained
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
+    seen, iterators = [], []
+    configure_model = FinLLM.configure_model
+
+    def configure(self):
+        stream = self.trainer.datamodule._started_stream
+        started = getattr(stream, "started", None)
+        seen.append([w.is_alive() for w in started._workers] if started is not None else None)
+        configure_model(self)
+
+    get_iterator = DataLoader._get_iterator
+    monkeypatch.setattr(FinLLM, "configure_model", configure)
+    monkeypatch.setattr(DataLoader, "_get_iterator", lambda self: iterators.append(1) or get_iterator(self))
+    workers = _predict(inp, tmp_path / "workers.jsonl", "--data.num_workers", "2", ckpt=adapter)
+    assert seen == [[True, True]] and len(iterators) == 1
+    plain = _predict(inp, tmp_path / "plain.jsonl", ckpt=adapter)
+    assert seen[1] is None and workers == plain  # (no workers: nothing to start early)
+
+
+def test_a_started_stream_stops_its_workers_at_teardown(tmp_path):
+    from finllm_pl.data import InstructionDataModule
+
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
+    dm = InstructionDataModule(predict_path=str(inp), predict_output=str(tmp_path / "out.jsonl"), num_workers=2,
+                               instruction=INSTRUCTION)
+    dm.setup("predict")
+    workers = dm._started_stream.started._workers
+    assert all(w.is_alive() for w in workers)
+    dm.teardown("predict")
+    for w in workers:
+        w.join(timeout=30)
+    assert dm._started_stream is None and not any(w.is_alive() for w in workers)
+
+
 def test_compiled_layers_label_like_the_plain_modules(tmp_path, trained, monkeypatch, caplog):
     """model.compile_layers puts the compiled norms and MLPs (dynamic shapes: every batch has its own) in place
     for predict's label scoring too, in jobs large enough to pay for compiling: the same labels and
@@ -305,7 +351,9 @@ def test_writer_keeps_input_order_when_chunks_finish_out_of_order(tmp_path, caps
     out = tmp_path / "out.jsonl"
     expect = {"version": 1, "input": "x", "labels": labels, "world": 1, "chunk_rows": 2, "prompt": "p"}
     writer = PredictionWriter(str(out), labels, expect)
-    stream = types.SimpleNamespace(created=time.perf_counter() - 5.0)  # a stream whose first batch took 5 s
+    # a stream made 50 s ago (workers started while the model loaded) whose first batch took 5 s from the loop's
+    # request: the wait reported is the loop's
+    stream = types.SimpleNamespace(created=time.perf_counter() - 50.0, asked=time.perf_counter() - 5.0)
     trainer = types.SimpleNamespace(global_rank=0, world_size=1, strategy=types.SimpleNamespace(barrier=lambda: None),
                                     predict_dataloaders=types.SimpleNamespace(dataset=stream))
     writer.on_predict_start(trainer, None)
@@ -324,7 +372,7 @@ def test_writer_keeps_input_order_when_chunks_finish_out_of_order(tmp_path, caps
     assert [json.loads(line)["id"] for line in part.read_text().splitlines()] == ["r0", "r1", "r2", "r3"]
     assert json.loads(progress.read_text())["chunks"] == 2
     writer.on_predict_end(trainer, None)
-    assert 5.0 <= writer.speed["first_batch_s"] < 60
+    assert 5.0 <= writer.speed["first_batch_s"] < 50
     assert "after 5." in capsys.readouterr().err  # the wait before labeling is reported, apart from the rate
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["r0", "r1", "r2", "r3", "r4"]
