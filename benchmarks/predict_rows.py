@@ -5,8 +5,10 @@ folder with the tokenizer from --tokenizer, with a LoRA adapter (r=4 on q/k/v/o,
 adapter's shape, so folding it in changes the weights). Then `predict` runs configs/deepseek_r1_distill_qwen_1.5b_fast.yaml
 on --data once per variant. Timed by predict itself (its last line), not model loading: rows/s from the first
 batch to the finished output (reading, tokenizing, scoring and writing every row after the first batch), and apart
-from it the wait for the first batch (Lightning fetches it before predict starts its clock: reading and tokenizing
-the first chunks while the GPU idles; results files without first_batch_s exclude that wait).
+from it the wait for the first batch (Lightning fetches it before predict starts its clock), from when the loop asked
+for it (workers that started in setup, while the model loaded, may have it ready; before 3b1a82c: from the stream's
+creation, the GPU idle while the first chunks were read and tokenized; results files without first_batch_s exclude
+that wait).
 Prints a table and writes JSON; label agreement is against the first variant.
 
     python benchmarks/predict_rows.py --tokenizer DIR --data instruction_formatted_data.jsonl --out results/gpu/predict_rows.json
