@@ -21,7 +21,7 @@ arguments, one query head per key/value head) runs the registry's own function.
 
 from __future__ import annotations
 
-import threading
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -32,21 +32,26 @@ FOLD_DEVICES = ("cuda",)  # where it was measured (the same bits there); elsewhe
 MASK_ALIGN = 16  # SDPA's memory-efficient kernel copies a mask whose rows are not a multiple of this apart
 
 
-class _LastMask(threading.local):
-    """The last forward's folded mask: its layers all pass the same mask tensor (one per thread)."""
-    source: Optional[torch.Tensor] = None
-    groups: int = 0
-    folded: Optional[torch.Tensor] = None
-
-
-_LAST = _LastMask()
+# Folded masks by their source mask (a forward's layers all pass the same one), for as long as it lives: a job's
+# last mask goes when its batch does, nothing is held after labeling. (By id with a weak reference: tensors compare
+# elementwise, so they cannot key a WeakKeyDictionary.)
+_FOLDED: dict[int, tuple[weakref.ref, dict]] = {}
 
 
 def folded_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, groups * Tq, Tk] additive mask (0 or -inf, in `dtype`) of a [B, 1, Tq, Tk] boolean or additive one,
-    its row j * Tq + t being row t; rows MASK_ALIGN-aligned in memory. Made once per mask and group count."""
-    if _LAST.source is mask and _LAST.groups == groups and _LAST.folded.dtype == dtype:
-        return _LAST.folded
+    its row j * Tq + t being row t; rows MASK_ALIGN-aligned in memory. Made once per mask, group count and dtype."""
+    entry = _FOLDED.get(id(mask))
+    if entry is None or entry[0]() is not mask:
+        key = id(mask)
+        entry = _FOLDED[key] = (weakref.ref(mask, lambda _, key=key: _FOLDED.pop(key, None)), {})
+    made = entry[1]
+    if (groups, dtype) not in made:
+        made[groups, dtype] = _fold(mask, groups, dtype)
+    return made[groups, dtype]
+
+
+def _fold(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
     B, _, Tq, Tk = mask.shape
     width = -(-Tk // MASK_ALIGN) * MASK_ALIGN
     out = torch.empty(B, 1, groups, Tq, width, dtype=dtype, device=mask.device)[..., :Tk]
@@ -55,16 +60,16 @@ def folded_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Te
     else:
         add = mask.to(dtype)
     out.copy_(add[:, :, None])
-    _LAST.source, _LAST.groups, _LAST.folded = mask, groups, out.flatten(2, 3)
-    return _LAST.folded
+    return out.flatten(2, 3)
 
 
 def foldable(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any,
              dropout: float, kwargs: dict) -> bool:
     """Whether `folded_sdpa` computes this call (else the registry's own function does)."""
     H, Hkv = query.shape[1], key.shape[1]
-    return (query.device.type in FOLD_DEVICES and not torch.is_grad_enabled() and isinstance(attention_mask, torch.Tensor)
-            and attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and query.shape[2] > 1
+    return (query.device.type in FOLD_DEVICES and not torch.is_grad_enabled()
+            and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+            and attention_mask.shape[1] == 1 and query.shape[2] > 1
             and H > Hkv and H % Hkv == 0 and getattr(module, "num_key_value_groups", None) == H // Hkv
             and not dropout and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
             and not kwargs.get("output_attentions"))  # (what else HF's sdpa function reads from its kwargs)

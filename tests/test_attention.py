@@ -45,6 +45,8 @@ def test_folded_mask_repeats_the_rows_per_query_head_aligned_and_once_per_mask()
     assert folded_mask(mask, 3, torch.float32) is folded  # the next layers: made once
     assert folded_mask(mask.clone(), 3, torch.float32) is not folded
     assert folded_mask(mask, 2, torch.float32).shape == (2, 1, 10, 9)
+    del mask
+    assert not attention._FOLDED  # gone with its mask
 
 
 def test_only_label_scoring_s_calls_fold(monkeypatch):
@@ -92,14 +94,18 @@ def test_label_scoring_folds_the_query_heads_and_puts_hf_s_registry_back(monkeyp
 
     def scores(fold: bool):
         monkeypatch.setattr(attention, "FOLD_DEVICES", ("cpu",) if fold else ())
-        calls = []
+        calls, masks = [], []
         monkeypatch.setattr(attention, "folded_sdpa", lambda *a, _f=folded_sdpa: (calls.append(1), _f(*a))[1])
+        monkeypatch.setattr(attention, "_fold", lambda *a, _f=attention._fold: (masks.append(1), _f(*a))[1])
         with torch.no_grad(), fast_modules(model, fused_layer_forwards(model.model), uncast_lora_input=False,
                                             skip_cudnn_attention=False):
             out = score_labels(model, prompt_ids, prompt_mask, label_ids, label_mask, min_prefix=0)
-        return out, len(calls)
+        monkeypatch.undo()
+        return out, len(calls), len(masks)
 
-    (plain, n_plain), (folded, n_folded) = scores(False), scores(True)
+    (plain, n_plain, _), (folded, n_folded, n_masks) = scores(False), scores(True)
     assert n_plain == 0 and n_folded == model.config.num_hidden_layers
+    assert n_masks == 1  # the mask folded once for all layers
+    assert not attention._FOLDED  # and not kept after the batch
     torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)
     assert modeling_qwen2.ALL_ATTENTION_FUNCTIONS is registry
