@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 REGISTRY = "ALL_ATTENTION_FUNCTIONS"  # the name HF model files look their attention function up under
 FOLD_DEVICES = ("cuda",)  # where it was measured (the same bits there); elsewhere HF's sdpa path as it is
@@ -97,8 +98,6 @@ class FoldedAttention:
         self.registry = registry
 
     def _wrap(self, name: str, fn: Callable) -> Callable:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         if name != "sdpa" or fn is not sdpa_attention_forward:  # (what folded_sdpa stands in for, nothing else)
             return fn
 

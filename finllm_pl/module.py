@@ -523,7 +523,7 @@ class FinLLM(L.LightningModule):
             self._label_forwards = {**plain, **compiled}
 
     def _labeling_forwards(self) -> dict:
-        """Labeling's forwards, made once: fused.py's linears and (model.fused_layers) kernels.py's norms and MLPs."""
+        """Labeling's forwards (`labeling_forwards`), made once per model."""
         if self._fused_forwards is None:
             self._fused_forwards = labeling_forwards(hf.split_head(self.model)[0], self.hparams.fused_layers)
         return self._fused_forwards
