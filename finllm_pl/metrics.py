@@ -7,8 +7,6 @@ both are reported, with per-class precision/recall/F1 and the confusion matrix (
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +19,8 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
+
+from .files import write_atomic
 
 
 def label_metrics(num_classes: int, sync: bool = True) -> MetricCollection:
@@ -97,15 +97,6 @@ def confusion_figure(report: dict):
     return fig
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_report(report: dict, out_dir: str, stem: str = "validation", title: str = "Validation report") -> list[Path]:
     """`<stem>.json`, `<stem>.md` and `<stem>_confusion.png` in out_dir, each written atomically."""
     import io
@@ -113,13 +104,13 @@ def write_report(report: dict, out_dir: str, stem: str = "validation", title: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}_confusion.png"]
-    _atomic_write(paths[0], (json.dumps(report, indent=2) + "\n").encode())
-    _atomic_write(paths[1], to_markdown(report, title).encode())
+    write_atomic(paths[0], (json.dumps(report, indent=2) + "\n").encode())
+    write_atomic(paths[1], to_markdown(report, title).encode())
     fig = confusion_figure(report)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    _atomic_write(paths[2], buf.getvalue())
+    write_atomic(paths[2], buf.getvalue())
     return paths

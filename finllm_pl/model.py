@@ -7,19 +7,16 @@ it into the base is in export.py.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from .assets import default_modes
 from .errors import ModelError
+from .files import atomic_dir
 
 Quantization = Literal["nf4", "fp4", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -220,55 +217,18 @@ def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module, bool]:
     return base.get_decoder(), base.get_output_embeddings(), exact
 
 
-def _atomic_dir(target: Path):
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    default_modes(tmp)  # readable like any other output of the run (not mkdtemp's 0700)
-    if target.exists() and _exchange(tmp, target):  # one atomic step: `target` is never missing
-        shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous folder
-    elif target.exists():  # no renameat2 here: two renames, with a short window without `target`
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):  # left by an export that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Optional[str] = None) -> Path:
     """PEFT adapter folder (adapter_config.json + adapter_model.safetensors), tokenizer, prompt format, config.
 
     Loadable with `PeftModel.from_pretrained(base, out_dir)`; written to a temp folder and renamed.
     """
-    target = Path(out_dir)
-    tmp = _atomic_dir(target)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / PROMPT_FILE).write_text(json.dumps(prompt, indent=2, ensure_ascii=False))
-    if config_yaml:
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-    _replace_dir(tmp, target)
-    return target
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / PROMPT_FILE).write_text(json.dumps(prompt, indent=2, ensure_ascii=False))
+        if config_yaml:
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+    return Path(out_dir)
 
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:

@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset
 
 from .data import budget_batches, collate_prompts
+from .files import atomic_file, fsync_dir, write_atomic
 from .prompts import PromptFormatter
 from .records import DataError, iter_rows
 
@@ -96,13 +97,7 @@ def finished_earlier(output: str, world: int, expect: dict[str, Any]) -> bool:
 
 
 def _write_progress(output: str, rank: int, state: dict[str, Any]) -> None:
-    prog = Path(f"{part_path(output, rank)}.json")
-    tmp = prog.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, prog)
+    write_atomic(f"{part_path(output, rank)}.json", json.dumps(state))
 
 
 class PredictStream(IterableDataset):
@@ -287,12 +282,12 @@ def finish_output(output: str, world: int, chunk_rows: int) -> None:
     """Turn the rank part files into the output: chunk c (`chunk_size` rows) sits in part c % world; rename when
     world is 1."""
     parts = [part_path(output, r) for r in range(world)]
-    tmp = Path(f"{output}.merging")
     if world == 1:
         os.replace(parts[0], output)
+        fsync_dir(Path(output).parent)
     else:
         files = [open(p, "rb") for p in parts]
-        with open(tmp, "wb") as out:
+        with atomic_file(output, "wb") as out:
             c = 0
             while True:
                 lines = list(islice(files[c % world], chunk_size(c, chunk_rows, world)))
@@ -300,11 +295,8 @@ def finish_output(output: str, world: int, chunk_rows: int) -> None:
                     break
                 out.writelines(lines)
                 c += 1
-            out.flush()
-            os.fsync(out.fileno())
         for f in files:
             f.close()
-        os.replace(tmp, output)
         for p in parts:
             p.unlink()
     _remove_progress(output, world)  # a kill before this line leaves a state finished_earlier() recognises

@@ -21,10 +21,11 @@ import os
 import random
 import re
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from .files import atomic_file
 
 LABELS = ("negative", "neutral", "positive")
 # FinGPT's wording, kept verbatim so our results compare with theirs.
@@ -271,40 +272,21 @@ def stratified_split(rows: Iterable[dict], test_size: float, seed: int, key: str
     return train, test
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_jsonl_atomic(rows: Iterable[dict], path) -> int:
-    """Write to a temp file beside `path`, fsync, then os.replace: readers (and a crash) see the old
-    file or the whole new one, never half of it. Returns the number of rows written."""
+    """Write `rows` as JSONL, atomically (files.atomic_file): readers and a crash see the old file or the whole new
+    one, never half of it. Returns the number of rows written."""
     path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise PrepareError(path, None, f"output folder {str(folder)!r} does not exist",
+    if not path.parent.is_dir():
+        raise PrepareError(path, None, f"output folder {str(path.parent)!r} does not exist",
                            "create it first (mkdir -p) or choose another --out")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with atomic_file(path, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise PrepareError(path, None, f"cannot write ({e.strerror or e})",
-                               "check permissions and free disk space") from None
-        raise
+    except OSError as e:
+        raise PrepareError(path, None, f"cannot write ({e.strerror or e})", "check permissions and free disk space") from None
     return n
 
 

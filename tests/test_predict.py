@@ -446,15 +446,14 @@ def test_a_kill_after_the_output_is_in_place_does_not_relabel(tmp_path, trained,
 def test_replacing_an_export_never_leaves_the_folder_missing(tmp_path, monkeypatch):
     """The new folder takes the old one's place in one atomic exchange: even if the process dies right after
     (here: the old folder cannot be removed and os.replace is unusable), the target holds the new content."""
-    from finllm_pl import model as hf
+    from finllm_pl import files
 
     target = tmp_path / "adapter"
     target.mkdir()
     (target / "w").write_text("old")
-    tmp = hf._atomic_dir(target)
-    (tmp / "w").write_text("new")
-    monkeypatch.setattr(hf.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
-    hf._replace_dir(tmp, target)
+    monkeypatch.setattr(files.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    with files.atomic_dir(target) as tmp:
+        (tmp / "w").write_text("new")
     assert (target / "w").read_text() == "new" and not tmp.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
