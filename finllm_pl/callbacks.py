@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,8 +39,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint (the CLI's `checkpoint` section), made for resuming after a kill. After a resume:
+    """ModelCheckpoint (the CLI's `checkpoint` section), made for resuming after a kill:
 
+      - `last.ckpt` is the final optimizer step when fit ends, however it ends: the last epoch, max_steps, early
+        stopping, or Ctrl-C. (Lightning rewrites last.ckpt only when it writes a step checkpoint: a run of 36 steps
+        with a checkpoint every 10 would leave last.ckpt at step 30.) A first Ctrl-C lets the accumulation window
+        in progress finish, so the run stops at an optimizer step, then ends as a finished run does (last.ckpt,
+        adapter export); a second Ctrl-C stops at once, as Python's default does.
       - it does not save again the step it resumed from. With manual optimization and gradient accumulation the
         global step stays put for a few micro-batches after a resume at a window boundary, and ModelCheckpoint
         does not restore the step it last saved: it would rewrite step=N.ckpt and last.ckpt at the first
@@ -56,6 +63,53 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.ckpt_path and self.dirpath and \
                 Path(trainer.ckpt_path).resolve().parent == Path(self.dirpath).resolve():
             self._enable_version_counter = False
+        self._interrupted = False
+        self._previous_handler = None
+        if threading.current_thread() is threading.main_thread():  # (signal handlers: main thread only)
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self._interrupted = True
+        signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)  # a second one: at once
+        rank_zero_info("Ctrl-C: stopping at the end of this accumulation window (Ctrl-C again to stop at once)")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if getattr(pl_module, "window_open", False):
+            return  # only between optimizer steps: a checkpoint then holds no partial window
+        stop = self._interrupted
+        if trainer.world_size > 1:  # every rank stops after the same step (a rank may have got the signal later)
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            trainer.should_stop = True
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        final = (trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+                 or (last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch))
+        if final:  # saved here, at a batch end, where Lightning's loops know how to resume from
+            self._save_final(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "fit" and trainer.should_stop and not trainer.sanity_checking:  # (early stopping)
+            self._save_final(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handler()
+        self._save_final(trainer)  # (a stop none of the above saw)
+        super().on_train_end(trainer, pl_module)
+
+    def _save_final(self, trainer) -> None:
+        if self.save_last and trainer.global_step != self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handler()
+        super().on_exception(trainer, pl_module, exception)
+
+    def _restore_handler(self) -> None:
+        if getattr(self, "_previous_handler", None) is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
 
     @property
     def state_key(self) -> str:

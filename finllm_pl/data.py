@@ -639,7 +639,10 @@ class InstructionDataModule(L.LightningDataModule):
         t = self.trainer
         if t is None or not t.training:
             return {}
-        done = t.fit_loop.epoch_loop.batch_progress.current.processed
+        # After the epoch's last batch (a save at the end of fit), current_epoch already names the next epoch,
+        # of which nothing was done yet.
+        epochs = t.fit_loop.epoch_progress.current
+        done = t.fit_loop.epoch_loop.batch_progress.current.processed if epochs.started > epochs.completed else 0
         return {"epoch": t.current_epoch, "batches_done": done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

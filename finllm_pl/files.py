@@ -52,7 +52,7 @@ def fsync_dir(folder: PathLike) -> None:
 def atomic_file(path: PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """A file object to write `path` through; `path` changes only when the block ends without an exception."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None,
                        newline=None if "b" in mode else "\n") as f:
@@ -66,6 +66,28 @@ def atomic_file(path: PathLike, mode: str = "wb", encoding: str | None = None) -
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+    _remove_stale_temps(path)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files of `path` that a killed writer left (`.<name>.<pid>.<random>.tmp` of a process that is gone)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # (this process's own temps of `path` are done with)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:

@@ -219,6 +219,7 @@ class FinLLM(L.LightningModule):
         self._train_forwards: Optional[dict] = None  # model.fused_layers in the eager training step
         self._merged = False  # model.merge_for_labeling done
         self._warmup: Optional[threading.Thread] = None  # predict's warm-up labeling pass (_start_warm_up)
+        self._resumed_step: Optional[int] = None  # the optimizer step of the checkpoint fit resumed from
 
     # -- model -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -650,12 +651,29 @@ class FinLLM(L.LightningModule):
                 "adapter with --model.adapter_path"
             )
         self._pending = meta
+        self._resumed_step = checkpoint.get("global_step")
+
+    def on_fit_end(self) -> None:
+        if self._resumed_step is not None and self.global_step == self._resumed_step:
+            rank_zero_info(f"{self.trainer.ckpt_path}: this run had already finished (step {self._resumed_step}); "
+                           "nothing was trained. To train longer, raise trainer.max_epochs and/or trainer.max_steps")
 
     def on_train_epoch_end(self) -> None:
         self._drain()  # the epoch's last step: its skip is counted (and may stop the run) before the epoch ends
 
+    @property
+    def window_open(self) -> bool:
+        """True between the first micro-batch of an accumulation window and its optimizer step."""
+        return self._window["micro"] > 0
+
     def on_train_start(self) -> None:
         meta, self._pending = self._pending, {}
+        if self._resumed_step is not None:
+            # The next step's LR is this run's schedule's, not the one saved in the optimizer's state: they differ
+            # when max_epochs / max_steps was raised (the saved one is the old schedule's last, 0 for linear decay).
+            opt, sched = self.optimizers(), self.lr_schedulers()
+            for group, base in zip(opt.param_groups, sched.base_lrs):
+                group["lr"] = base * self.schedule.factor(self.global_step)
         if not meta:
             # Restart the RNG stream (LoRA dropout) from the run's seed at the first step, whatever setup consumed
             # before (a first run tokenizes, a second reads the cache): runs are reproducible, resumes exact.

@@ -176,10 +176,10 @@ def _listing(d: Path) -> dict[str, tuple[int, int, bool]]:
 
 
 def _temps(listing, pid: Optional[int] = None) -> list[str]:
-    """Checkpoint temp files (`.<name>.tmp<pid>`), of process `pid` only when given (older ones are a killed
-    run's leftovers, which the next save of that name removes)."""
-    return sorted(n for n, (_, _, is_dir) in listing.items() if n.startswith(".") and ".tmp" in n and not is_dir
-                  and (pid is None or n.endswith(f".tmp{pid}")))
+    """Checkpoint temp files (`.<name>.<pid>.<random>.tmp`, files.atomic_file), of process `pid` only when given
+    (older ones are a killed run's leftovers, which the next save of that name removes)."""
+    return sorted(n for n, (_, _, is_dir) in listing.items() if n.startswith(".") and n.endswith(".tmp")
+                  and not is_dir and (pid is None or f".{pid}." in n))
 
 
 def _export_temps(listing) -> list[str]:
