@@ -52,7 +52,6 @@ class FinLLMCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer", apply_on="parse")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code", apply_on="parse")
         parser.link_arguments("data.labels", "model.labels", apply_on="parse")
-        parser.link_arguments("model.cuda_graphs", "data.static_batches", apply_on="parse")
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.dirpath": "checkpoints/run",

@@ -19,7 +19,6 @@ from typing import Any, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 
@@ -253,98 +252,24 @@ def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return torch.tensor([([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs])
 
 
-def collate_train(rows: list[dict], pad_id: int, static: bool = False, shared_prefix: int = 0,
-                  static_rows: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded ids; labels are -100 on the prompt (already) and on padding (here), nowhere else.
-    static: also the fixed-shape `g_*` copies CUDA graphs replay (`static_batch`, with `shared_prefix` and
-    `static_rows`)."""
+def collate_train(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids; labels are -100 on the prompt (already) and on padding (here), nowhere else."""
     ids = [r["input_ids"] for r in rows]
-    batch = {
+    return {
         "input_ids": _pad(ids, pad_id),
         "attention_mask": _pad([[1] * len(s) for s in ids], 0),
         "labels": _pad([r["labels"] for r in rows], -100),
     }
-    if static:
-        batch.update(static_batch(batch["input_ids"], batch["attention_mask"], batch["labels"], shared_prefix,
-                                  static_rows))
-    return batch
 
 
-def static_length(n: int) -> int:
-    """The padded length of a static batch: 16, 24, ..., 64 (steps of 8), then 80, 96, ..., 128 (16), 160, ...
-    (32): at most ~1/4 of a power of two of padding, and few distinct shapes (each one is a captured graph)."""
-    if n <= 16:
-        return 16
-    step = max(8, 1 << ((n - 1).bit_length() - 3))
-    return -(-n // step) * step
+class PlainCollate:
+    """collate_train as a picklable callable (DataLoader workers started by spawn get a copy)."""
 
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
 
-def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> int:
-    """Tokens that every (right-padded) row starts with, ending before the first supervised position of any row
-    (the prefix's hidden states then never need logits)."""
-    B, L = input_ids.shape
-    same = ((input_ids == input_ids[:1]) & attention_mask.bool()).all(0)
-    shared = int(same.long().cumprod(0).sum())
-    sup = labels[:, 1:] != -100  # hidden state t predicts token t + 1
-    first = torch.where(sup.any(1), sup.float().argmax(1), torch.full((B,), L - 1)).min()
-    return min(shared, int(first))
-
-
-def static_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                 shared_prefix: int = 0, rows: int = 0) -> dict[str, torch.Tensor]:
-    """Fixed-shape copies of a right-padded training batch for CUDA-graph replay (finllm_pl/graphs.py).
-
-    With `shared_prefix` > 0 and at least that many tokens common to every row (chat template, system prompt,
-    instruction: 45 of the 81 tokens of an average row of the sentiment set), those tokens go once into `g_pre`
-    [1, P] and the rows hold only what follows (every row sees the prefix through the 4D mask): the prefix is
-    computed once per micro-batch instead of once per row. The rest: the rows' length padded to `static_length`,
-    a causal + padding mask [B, S, P + S] (made 4D on the device), position ids continuing after the prefix, and
-    the supervised positions as a power-of-two number of (position, target, weight) slots per row. A batch of
-    fewer than `rows` rows (an epoch's short last one) is filled up with copies of its last row that carry no
-    supervised token (weight 0: the same loss and gradients) so that it replays a full batch's graph instead of
-    capturing one of its own.
-    """
-    if input_ids.shape[0] < rows:
-        fill = rows - input_ids.shape[0]
-        input_ids, attention_mask = (torch.cat([t, t[-1:].expand(fill, -1)]) for t in (input_ids, attention_mask))
-        labels = torch.cat([labels, labels.new_full((fill, labels.shape[1]), -100)])
-    B, L = input_ids.shape
-    P = shared_prefix_length(input_ids, attention_mask, labels) if shared_prefix > 0 else 0
-    P = P if P >= shared_prefix else 0
-    S = static_length(L - P)
-    pad = S - (L - P)
-    ids = F.pad(input_ids[:, P:], (0, pad), value=0)  # padding is masked out and unsupervised: any id will do
-    real = F.pad(attention_mask[:, P:], (0, pad), value=0).bool()
-    target = F.pad(labels[:, P:], (0, pad), value=-100)[:, 1:]  # [B, S - 1]: suffix token t predicts t + 1
-    sup = target != -100
-    n_sup = int(sup.sum(1).max()) if B else 0
-    slots = max(4, 1 << max(n_sup - 1, 0).bit_length())  # a power of two: few distinct shapes
-    # the supervised positions of each row first (in order), then unsupervised ones with weight 0
-    order = torch.argsort((~sup).long() * S + torch.arange(S - 1), dim=1, stable=True)[:, :slots]
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
-    visible = causal[None] & real[:, None, :]
-    out = {"g_ids": ids, "g_pos": (P + torch.arange(S)).expand(B, S).contiguous(), "g_idx": order,
-           "g_tgt": target.gather(1, order).clamp(min=0), "g_w": sup.gather(1, order).float()}
-    if P:
-        out["g_pre"] = input_ids[:1, :P].clone()
-        visible = torch.cat([visible.new_ones(B, S, P), visible], 2)
-    out["g_mask"] = visible
-    return out
-
-
-def pad_static_length(st: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
-    """A static batch (static_batch's, on any device) with its rows padded on the right to `length` tokens: padding
-    ids, positions continuing, and a mask under which the real tokens see what they saw (the new keys are hidden from
-    them) and each new position sees its row's real tokens (a query that sees nothing would be NaN in the masked
-    attention, and NaN times a zero weight is still NaN). The supervised slots are unchanged: the same loss."""
-    S = st["g_ids"].shape[1]
-    if length <= S:
-        return st
-    extra = length - S
-    pos, mask = st["g_pos"], F.pad(st["g_mask"], (0, extra))  # the new keys: hidden from every real query
-    return {**st, "g_ids": F.pad(st["g_ids"], (0, extra)),
-            "g_pos": torch.cat([pos, pos[:, -1:] + torch.arange(1, extra + 1, device=pos.device)], 1),
-            "g_mask": torch.cat([mask, mask[:, -1:].expand(-1, extra, -1)], 1)}
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return collate_train(rows, self.pad_id)
 
 
 def shared_prefix_ids(prompts: Sequence[Sequence[int]]) -> tuple[int, ...]:
@@ -420,8 +345,6 @@ class InstructionDataModule(L.LightningDataModule):
         group_by_length: bool = True,
         seed: int = 42,
         num_workers: int = 0,
-        static_batches: bool = False,
-        shared_prefix: int = 8,
         cache_dir: Optional[str] = None,
         predict_chunk_rows: int = 4096,
     ) -> None:
@@ -450,11 +373,6 @@ class InstructionDataModule(L.LightningDataModule):
             group_by_length: batch rows of similar length together (less padding).
             seed: seed of the validation split and of the batch order.
             num_workers: DataLoader worker processes (prediction: they take turns by predict chunk).
-            static_batches: add the fixed-shape inputs CUDA graphs replay to training batches (linked to
-                model.cuda_graphs; do not set it twice).
-            shared_prefix: static batches: when every row of a micro-batch starts with at least this many common
-                tokens (template, instruction), they are computed once per micro-batch, not once per row; the
-                rows then share one LoRA-dropout mask on them. 0 = never.
             cache_dir: tokenization cache (default $FINLLM_CACHE/tokenized or ~/.cache/finllm_pl/tokenized).
             predict_chunk_rows: rows read, sorted by length and labeled together when predicting (bounds memory;
                 larger: less padding, as rows of closer lengths share batches, and a coarser resume point). Each
@@ -468,8 +386,6 @@ class InstructionDataModule(L.LightningDataModule):
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if eval_batch_tokens is not None and eval_batch_tokens < 1:
             raise ConfigError(f"data.eval_batch_tokens must be >= 1 or null, got {eval_batch_tokens}")
-        if shared_prefix < 0:
-            raise ConfigError(f"data.shared_prefix must be >= 0 (0 = off), got {shared_prefix}")
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if len(set(labels)) != len(labels) or not labels:
@@ -547,11 +463,12 @@ class InstructionDataModule(L.LightningDataModule):
         if self._resume:
             self._train_sampler.resume_at(self._resume["epoch"], self._resume["batches_done"])
         pad = self.formatter.tokenizer.pad_token_id
+        # The model's execution backend says how a training batch is laid out (the fast one adds fixed-shape fields)
+        backend = getattr(self.trainer.lightning_module, "backend", None) if self.trainer is not None else None
+        collate = backend.train_collate(pad, hp.batch_size) if backend is not None else PlainCollate(pad)
         # Own generator: the DataLoader draws its worker seed from it, not from the global RNG that LoRA dropout
         # uses, so a resumed run's dropout masks match the uninterrupted run's.
-        return DataLoader(self.train_set.with_format(None), batch_sampler=self._train_sampler,
-                          collate_fn=lambda rows: collate_train(rows, pad, hp.static_batches, hp.shared_prefix,
-                                                               static_rows=hp.batch_size),
+        return DataLoader(self.train_set.with_format(None), batch_sampler=self._train_sampler, collate_fn=collate,
                           num_workers=hp.num_workers, pin_memory=self._pin_memory(),
                           generator=torch.Generator().manual_seed(hp.seed))
 

@@ -122,30 +122,6 @@ def load_base_model(
     return model
 
 
-def stand_in_model(name: str, compute_dtype: torch.dtype, device: torch.device, r: int, alpha: int,
-                   target_modules: Sequence[str], attn_implementation: Optional[str] = "sdpa",
-                   trust_remote_code: bool = False, vocab_size: Optional[int] = None):
-    """`name`'s architecture (its config) cut to one decoder layer, with a fresh LoRA, made on `device` in the
-    compute dtype: the same module classes and matrix shapes as the real model, to run a made-up
-    batch through while the real model loads (FinLLM's predict warm-up: CUDA loads each kernel's code at its
-    first launch). Its weights are left uninitialized (made on the meta device, then given memory): nothing is
-    drawn from the random generators. `vocab_size`: a smaller vocabulary (embedding and head) than the real one."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
-    config.num_hidden_layers = 1
-    if vocab_size is not None:
-        config.vocab_size = vocab_size
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:1]
-    kwargs: dict[str, Any] = {"dtype": compute_dtype, "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    with torch.device("meta"):
-        model = add_lora(AutoModelForCausalLM.from_config(config, **kwargs), r, alpha, 0.0, target_modules)
-    return model.to_empty(device=device)
-
-
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Short names of the linear layers LoRA can target (q_proj, ...), excluding the output head."""
     import bitsandbytes as bnb  # noqa: F401  (registers Linear4bit)
@@ -204,19 +180,6 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False):
         ) from None
 
 
-def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module, bool]:
-    """(decoder, lm_head, exact): run the decoder alone, then the head only on the positions that need logits.
-
-    Full logits are vocab x tokens floats (151,936 x 4,096 x 4 B = 2.5 GB for one DeepSeek step); a sentiment
-    answer needs logits at ~3 positions per row. `exact` is False for models that post-process logits (soft-
-    capping, logit scaling), where callers must use the full forward instead.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config
-    exact = not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0))
-    return base.get_decoder(), base.get_output_embeddings(), exact
-
-
 def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Optional[str] = None) -> Path:
     """PEFT adapter folder (adapter_config.json + adapter_model.safetensors), tokenizer, prompt format, config.
 
@@ -229,6 +192,32 @@ def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Op
         if config_yaml:
             (tmp / CONFIG_FILE).write_text(config_yaml)
     return Path(out_dir)
+
+
+def build(name: str, quantization: Quantization, compute_dtype: torch.dtype, device: torch.device,
+          attn_implementation: Optional[str], trust_remote_code: bool, lora: dict[str, Any],
+          adapter_path: Optional[str] = None, dequantize: bool = False, gradient_checkpointing: bool = False,
+          seed: int = 0):
+    """The PEFT model a run trains or labels with: the base (`dequantize`: its 4-bit layers held dequantized, the
+    very values every 4-bit forward computes), then the adapter at `adapter_path` or a fresh LoRA (`lora`: r, alpha,
+    dropout, target_modules, use_dora) whose random A's are drawn from `seed`. In train mode (from_pretrained returns
+    eval mode, which would silently turn LoRA dropout off)."""
+    base = load_base_model(name, quantization, compute_dtype, device, attn_implementation, trust_remote_code)
+    base.config.use_cache = False
+    if dequantize and quantization != "none":
+        base = base.dequantize()
+    if adapter_path:
+        model = load_adapter(base, adapter_path, trainable=True)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        # seeded from the run's seed, not from whatever loading and tokenizing consumed before (which differs
+        # between a first run and a cached one)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = add_lora(base, lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"],
+                             gradient_checkpointing, use_dora=lora.get("use_dora", False))
+    return model.train()
 
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""attention.py: grouped query heads folded onto their key/value head under a custom mask (label scoring)."""
+"""backend/attention.py: grouped query heads folded onto their key/value head under a custom mask (label scoring)."""
 
 import types
 
@@ -6,10 +6,9 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from finllm_pl import attention
-from finllm_pl.attention import FoldedAttention, folded_mask, folded_sdpa, foldable
-from finllm_pl.kernels import fused_layer_forwards
-from finllm_pl.scoring import score_labels
+from finllm_pl.backend import attention
+from finllm_pl.backend.attention import folded_attention, folded_mask, folded_sdpa, folded_sdpa_or_sdpa, foldable
+from finllm_pl.backend.fast import FastBackend
 from test_kernels import _tiny
 
 
@@ -45,8 +44,7 @@ def test_folded_mask_repeats_the_rows_per_query_head_aligned_and_once_per_mask()
     assert folded_mask(mask, 3, torch.float32) is folded  # the next layers: made once
     assert folded_mask(mask.clone(), 3, torch.float32) is not folded
     assert folded_mask(mask, 2, torch.float32).shape == (2, 1, 10, 9)
-    del mask
-    assert not attention._FOLDED  # gone with its mask
+    assert set(mask._finllm_folded) == {(3, torch.float32), (2, torch.float32)}  # kept with the mask, nowhere else
 
 
 def test_only_label_scoring_s_calls_fold(monkeypatch):
@@ -66,46 +64,51 @@ def test_only_label_scoring_s_calls_fold(monkeypatch):
         assert not foldable(types.SimpleNamespace(num_key_value_groups=1), q, k, mask, 0.0, {})
     assert not foldable(module, q, k, mask, 0.0, {})  # gradients: training keeps HF's path
 
-    registry = types.SimpleNamespace(get_interface=lambda name, default: {"sdpa": sdpa_attention_forward}.get(
-        name, default), __getitem__=None)
-    folding = FoldedAttention(registry)
-    plain = object()
-    assert folding.get_interface("eager", plain) is plain
-    assert folding.get_interface("sdpa", plain) is not sdpa_attention_forward  # the folding one
-    custom = FoldedAttention(types.SimpleNamespace(get_interface=lambda name, default: print))
-    assert custom.get_interface("sdpa", plain) is print  # a user's own sdpa function is left alone
+    # what runs in the folded model's layers: folding where it can, HF's sdpa function everywhere else
+    calls = []
+    monkeypatch.setattr(attention, "folded_sdpa", lambda *a: calls.append("folded") or (None, None))
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append("hf") or (None, None))
+    with torch.no_grad():
+        folded_sdpa_or_sdpa(module, q, k, v, mask)
+        folded_sdpa_or_sdpa(module, q, k, v, None)
+    assert calls == ["folded", "hf"]
 
 
-def test_label_scoring_folds_the_query_heads_and_puts_hf_s_registry_back(monkeypatch):
-    """Through the fused attention forward (what label scoring puts in place): every layer's attention ran
-    folded, the scores are HF's path's, and the model file's registry is HF's again afterwards."""
-    from transformers.models.qwen2 import modeling_qwen2
+def test_only_the_labeling_model_attends_folded_and_gets_sdpa_back():
+    """folded_attention switches one model's attention implementation (its config), not the process's: another
+    model of the same class keeps HF's sdpa; eager models are left alone; the setting is restored."""
+    a, b, eager = _tiny("qwen2"), _tiny("qwen2"), _tiny("qwen2", attn_implementation="eager")
+    with folded_attention(a.config), folded_attention(eager.config):
+        assert a.config._attn_implementation == attention.FOLDED
+        assert b.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+    assert a.config._attn_implementation == "sdpa"
 
-    from finllm_pl.graphs import fast_modules
 
+def test_label_scoring_folds_the_query_heads_once_per_mask(monkeypatch):
+    """Through the fast backend's labeling context: every layer's attention ran folded, the mask was folded once
+    for all layers, and the scores are HF's path's."""
     model = _tiny("qwen2")  # 4 query heads on 2 key/value heads
     model.eval()
-    registry = modeling_qwen2.ALL_ATTENTION_FUNCTIONS
     gen = torch.Generator().manual_seed(1)
     prompt_ids = torch.randint(1, 100, (3, 11), generator=gen)
     prompt_mask = torch.ones_like(prompt_ids)
     prompt_mask[1, :4] = 0  # left padding
-    label_ids, label_mask = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "label_ids": torch.tensor([[5, 6, 7], [8, 9, 0]]),
+             "label_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
 
     def scores(fold: bool):
         monkeypatch.setattr(attention, "FOLD_DEVICES", ("cpu",) if fold else ())
         calls, masks = [], []
         monkeypatch.setattr(attention, "folded_sdpa", lambda *a, _f=folded_sdpa: (calls.append(1), _f(*a))[1])
         monkeypatch.setattr(attention, "_fold", lambda *a, _f=attention._fold: (masks.append(1), _f(*a))[1])
-        with torch.no_grad(), fast_modules(model, fused_layer_forwards(model.model), uncast_lora_input=False,
-                                            skip_cudnn_attention=False):
-            out = score_labels(model, prompt_ids, prompt_mask, label_ids, label_mask, min_prefix=0)
+        backend = FastBackend(model, torch.float32, ["sparse_head", "label_tree", "folded_attention"])
+        with torch.no_grad(), backend.labeling():
+            out = backend.score(batch)
         monkeypatch.undo()
         return out, len(calls), len(masks)
 
     (plain, n_plain, _), (folded, n_folded, n_masks) = scores(False), scores(True)
     assert n_plain == 0 and n_folded == model.config.num_hidden_layers
     assert n_masks == 1  # the mask folded once for all layers
-    assert not attention._FOLDED  # and not kept after the batch
     torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)
-    assert modeling_qwen2.ALL_ATTENTION_FUNCTIONS is registry
+    assert model.config._attn_implementation == "sdpa"

@@ -34,7 +34,6 @@ import torch
 from finllm_pl.__main__ import cli_main
 from finllm_pl.callbacks import AtomicCheckpointIO, load_checkpoint_file
 from finllm_pl.errors import ModelError
-from finllm_pl.scoring import loss_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
@@ -634,14 +633,15 @@ class _NanGrad(torch.autograd.Function):
 
 
 def _poison_loss(monkeypatch, bad_micro_batches, kind: str) -> list[int]:
-    """Replace finllm_pl.module.loss_sum: training micro-batches in `bad_micro_batches` get a non-finite loss or
-    gradient (validation, under no_grad, is left alone). Returns the list of poisoned calls."""
-    import finllm_pl.module as module
+    """Replace the plain backend's loss (the fault runs use it: _fault_args): training micro-batches in
+    `bad_micro_batches` get a non-finite loss or gradient (validation, under no_grad, is left alone). Returns the
+    list of poisoned calls."""
+    from finllm_pl.backend.plain import PlainBackend
 
-    real, count, hit = module.loss_sum, [0], []
+    real, count, hit = PlainBackend.loss_sum, [0], []
 
-    def loss_sum(model, *a, **k):
-        loss, n = real(model, *a, **k)
+    def loss_sum(backend, *a, **k):
+        loss, n = real(backend, *a, **k)
         if not torch.is_grad_enabled():
             return loss, n
         i = count[0]
@@ -652,7 +652,7 @@ def _poison_loss(monkeypatch, bad_micro_batches, kind: str) -> list[int]:
                     "nan-grad": _NanGrad.apply, "overflow": lambda x: x * 1e6}[kind](loss)
         return loss, n
 
-    monkeypatch.setattr(module, "loss_sum", loss_sum)
+    monkeypatch.setattr(PlainBackend, "loss_sum", loss_sum)
     return hit
 
 
@@ -663,7 +663,7 @@ def _fault_args(batches: int, *extra: str) -> list[str]:
             "--trainer.enable_progress_bar", "false", "--data.batch_size", "4", "--model.warmup_steps", "1",
             "--checkpoint.every_n_train_steps", "1", "--checkpoint.dirpath", "ck", "--trainer.log_every_n_steps", "1",
             "--trainer.logger", '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}',
-            *extra]
+            "--model.backend", "plain", *extra]  # (fault handling is the trainer's: the plain backend's loss is poisoned)
 
 
 class _Snapshots:
@@ -714,6 +714,9 @@ def test_a_nonfinite_step_is_skipped_counted_and_logged(kind, workdir, monkeypat
 
 
 def test_k_nonfinite_steps_in_a_row_stop_with_one_line_and_a_checkpoint_from_before(workdir, monkeypatch, capsys):
+    from finllm_pl.backend.plain import PlainBackend
+
+    real = PlainBackend.loss_sum
     _poison_loss(monkeypatch, set(range(4, 100)), "nan-loss")  # windows 0 and 1 fine, every later one NaN
     with pytest.raises(SystemExit) as exc:
         cli_main(["fit", *_fault_args(12, "--model.max_nonfinite_steps", "3")])
@@ -733,9 +736,7 @@ def test_k_nonfinite_steps_in_a_row_stop_with_one_line_and_a_checkpoint_from_bef
     assert all(torch.equal(last["state_dict"][k], step2["state_dict"][k]) for k in step2["state_dict"])
     assert not (ck / "adapter").exists() and not list(ck.glob(".*"))
     # the fault gone (say, the data fixed), the same command resumes from that checkpoint and finishes
-    import finllm_pl.module as module  # (not monkeypatch.undo(): that would also undo workdir's chdir)
-
-    monkeypatch.setattr(module, "loss_sum", loss_sum)
+    monkeypatch.setattr(PlainBackend, "loss_sum", real)  # (not monkeypatch.undo(): that would undo workdir's chdir)
     cli = cli_main(["fit", *_fault_args(12, "--model.max_nonfinite_steps", "3", "--ckpt_path", "last")])
     assert cli.trainer.global_step == 6 and (ck / "adapter" / "adapter_model.safetensors").exists()
 

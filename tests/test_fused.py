@@ -1,4 +1,4 @@
-"""fused.py's attention linears (q/k/v as one matmul, LoRA's A and B batched, B adding into the base output) against
+"""backend/lora.py's attention linears (q/k/v as one matmul, LoRA's A and B batched, B adding into the base output) against
 peft's own forwards: the same outputs and gradients, independent dropout masks, merged adapters seen, peft's
 forward whenever the case is not the plain one."""
 
@@ -8,8 +8,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from finllm_pl import model as hf
-from finllm_pl.fused import fused_forwards
-from finllm_pl.graphs import fast_modules
+from finllm_pl.backend.fast import module_forwards as fast_modules
+from finllm_pl.backend.lora import group_forwards, lora_groups
+from finllm_pl.backend.plain import base_model
+
+
+def _decoder(model):
+    return base_model(model).get_decoder()
+
+
+def fused_forwards(decoder, groups=None):
+    """The groups' forwards (the groups made here unless given: a test that changes weights keeps them, to
+    invalidate them as the backend does)."""
+    return group_forwards(lora_groups(decoder) if groups is None else groups)
 
 ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}  # (biased q/k/v, not)
 
@@ -41,7 +52,7 @@ class _Matmuls(TorchDispatchMode):
 
 
 def _hidden_and_grads(model, forwards, ids):
-    decoder, _, _ = hf.split_head(model)
+    decoder = _decoder(model)
     params = [p for p in model.parameters() if p.requires_grad]
     with fast_modules(model, forwards, uncast_lora_input=False, skip_cudnn_attention=False), _Matmuls() as mm:
         hidden = decoder(input_ids=ids).last_hidden_state
@@ -54,7 +65,7 @@ def test_fused_attention_linears_give_peft_outputs_and_gradients_with_half_the_m
     model = _tiny(arch)
     ids = torch.randint(1, 97, (3, 11), generator=torch.Generator().manual_seed(1))
     ref, ref_grads, ref_mm = _hidden_and_grads(model, {}, ids)
-    forwards = fused_forwards(hf.split_head(model)[0])
+    forwards = fused_forwards(_decoder(model))
     assert len(forwards) == 2 * 4  # q, k, v and o of each layer
     got, grads, mm = _hidden_and_grads(model, forwards, ids)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -119,26 +130,33 @@ def test_fused_lora_draws_an_independent_dropout_mask_for_each_linear():
 
 
 def test_fused_linears_see_merged_adapters_and_fall_back_to_peft_outside_the_plain_case():
-    """Cached concatenated weights follow peft's merge and unmerge; disabled adapters, another input for k_proj and
-    a replaced base weight each get the right output."""
+    """Cached concatenated weights are made again after `invalidate()` (what the backend's weights_changed() calls
+    after a merge, an unmerge, a load); disabled adapters and another input for k_proj each get the right output."""
     model, attn = _identity_lora(dropout=0.0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
     attn.k_proj.scaling["default"] = 3.0  # (peft's alpha_pattern: linears of one group with different scales)
-    forwards = fused_forwards(model)
+    groups = lora_groups(model)
+    forwards = fused_forwards(model, groups)
     x = torch.randn(5, 8)
     ref = [getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
     for got, r in zip(_qkv(attn, forwards, x), ref):  # (made the concatenated weight: cached from here on)
         torch.testing.assert_close(got, r)
     model.merge_adapter()  # peft writes the merged weights into weight.data: the cached concatenation is stale
+    stale = _qkv(attn, forwards, x)
+    assert not torch.allclose(stale[0], ref[0], atol=1e-3)  # (what the signal is for)
+    for group in groups:
+        group.invalidate()
     for got, r in zip(_qkv(attn, forwards, x), ref):
         torch.testing.assert_close(got, r, atol=1e-5, rtol=1e-5)
     with fast_modules(attn, forwards, uncast_lora_input=False, skip_cudnn_attention=False), _Matmuls() as mm:
         attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     assert mm.n == 1  # merged: the base alone, one matmul for the three
     model.unmerge_adapter()
+    for group in groups:
+        group.invalidate()
     for got, r in zip(_qkv(attn, forwards, x), ref):
         torch.testing.assert_close(got, r, atol=1e-5, rtol=1e-5)
 
@@ -152,22 +170,20 @@ def test_fused_linears_see_merged_adapters_and_fall_back_to_peft_outside_the_pla
     torch.testing.assert_close(q, ref[0])
     with torch.no_grad():
         torch.testing.assert_close(k, attn.k_proj(other))
-    with torch.no_grad():  # a base weight replaced (a new tensor, not written in place): concatenated again
-        attn.v_proj.get_base_layer().weight.data = torch.zeros(8, 8)
-    got = _qkv(attn, forwards, x)
-    torch.testing.assert_close(got[2], attn.v_proj(x))
 
 
-def test_fused_lora_keeps_its_adapter_matrices_without_gradients_until_they_change(monkeypatch):
-    """Labeling (no gradients) concatenates the A's and builds the B's block-diagonal once, not at every call; an
-    adapter written in place (an optimizer step, a loaded checkpoint) makes them again; with gradients, every
-    call makes its own (autograd must see them)."""
+def test_fused_lora_keeps_its_adapter_matrices_without_gradients_until_told_they_changed(monkeypatch):
+    """Labeling (no gradients) concatenates the A's and builds the B's block-diagonal once, not at every call, until
+    `invalidate()`: an optimizer step writes the adapter in place without a sign a cache could see (fused AdamW does
+    not even bump the tensors' version counters), so the backend says so; with gradients, every call makes its own
+    (autograd must see them)."""
     model, attn = _identity_lora(dropout=0.0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
-    forwards = fused_forwards(model)
+    groups = lora_groups(model)
+    forwards = fused_forwards(model, groups)
     x = torch.randn(5, 8)
     made = []
     block_diag = torch.block_diag
@@ -185,8 +201,15 @@ def test_fused_lora_keeps_its_adapter_matrices_without_gradients_until_they_chan
 
     assert same_as_peft(grad=False) == 1
     assert same_as_peft(grad=False) == 0  # kept
-    with torch.no_grad():
-        attn.k_proj.lora_A["default"].weight.mul_(2.0)  # in place, as an optimizer step writes it
+    params = [p for n, p in model.named_parameters() if "lora_A" in n]
+    opt = torch.optim.AdamW(params, lr=0.5, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    versions = [p._version for p in params]
+    opt.step()  # the real optimizer, in place
+    assert [p._version for p in params] == versions  # (no version bump a cache could key on)
+    for group in groups:
+        group.invalidate()
     assert same_as_peft(grad=False) == 1  # made again, and the new adapter is used
     assert same_as_peft(grad=True) == 1 and same_as_peft(grad=True) == 1
 
@@ -194,7 +217,7 @@ def test_fused_lora_keeps_its_adapter_matrices_without_gradients_until_they_chan
 def test_fused_forwards_skip_attention_layers_whose_linears_do_not_fit():
     """LoRA on q and v only (k a plain frozen linear): q/k/v are not one group; q, v and o run alone."""
     model = _tiny("qwen2", targets=("q_proj", "v_proj", "o_proj"))
-    forwards = fused_forwards(hf.split_head(model)[0])
+    forwards = fused_forwards(_decoder(model))
     names = {n.split(".")[-1] for n, m in model.named_modules() if m in forwards}
     assert names == {"q_proj", "v_proj", "o_proj"}
     ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(1))

@@ -1,4 +1,4 @@
-"""The static training step's pieces on tiny models built from configs: the packed shared-prefix pass against
+"""backend/static.py, the static training step's pieces on tiny models built from configs: the packed shared-prefix pass against
 the prefix-KV-cache pass it replaces, and (bf16) the LoRA weights cast once per step with the LoRA input left
 uncast against peft's and autocast's casting at every layer; label scoring's uncast LoRA input likewise."""
 
@@ -10,10 +10,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from finllm_pl import model as hf
-from finllm_pl.data import pad_static_length, static_batch
+from finllm_pl.backend.fast import FastBackend
+from finllm_pl.backend.fast import module_forwards as fast_modules
+from finllm_pl.backend.plain import decoder_call
+from finllm_pl.backend.static import (StaticStep, pad_static_length, packed_prefix_attention, static_batch,
+                                      static_hidden)
+from finllm_pl.backend.tree import Head, layer_masks, prefix_cache, score_labels_tree
 from finllm_pl.errors import ModelError
-from finllm_pl.graphs import GraphedLossBackward, fast_modules, packed_prefix_attention, packed_prefix_hidden
-from finllm_pl.scoring import _decoder_call, attention_mask_4d, prefix_cache
+
+
+def _step(model, dtype=torch.float32, max_tokens=None):
+    """The static step on peft's own LoRA forwards (backend/lora.py's route is compared in test_fused.py)."""
+    return FastBackend(model, dtype, ["sparse_head", "static_step"], chunk_tokens=max_tokens).step
 
 ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
 
@@ -50,7 +58,8 @@ def test_packed_prefix_pass_equals_the_prefix_cache_pass(arch, attn):
     """[prefix | row 1 | ... | row B] as one sequence gives every row's hidden states and LoRA gradients of the
     two-pass computation (prefix once, its KV cache expanded to every row), on more than one architecture."""
     model = _tiny_lora(arch, attn)
-    decoder, head, _ = hf.split_head(model)
+    head = Head(model)
+    decoder = head.decoder
     st = _batch()
     assert st["g_pre"].shape == (1, 12)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -61,13 +70,16 @@ def test_packed_prefix_pass_equals_the_prefix_cache_pass(arch, attn):
         return hidden.detach(), torch.autograd.grad((hidden * weights).sum(), params)
 
     def two_pass():
-        cache = prefix_cache(decoder, st["g_pre"], st["g_ids"].shape[0], torch.float32)
-        return _decoder_call(decoder, input_ids=st["g_ids"], position_ids=st["g_pos"], cache=cache, use_cache=True,
-                             attention_mask=attention_mask_4d(st["g_mask"], decoder, torch.float32)).last_hidden_state
+        cache = prefix_cache(head, st["g_pre"], st["g_ids"].shape[0])
+        P = st["g_pre"].shape[1]
+        k_pos = torch.cat([torch.arange(P).expand(4, P), st["g_pos"]], 1)
+        mask = layer_masks(st["g_mask"], st["g_pos"], k_pos, model.config, decoder, torch.float32)
+        return decoder_call(decoder, input_ids=st["g_ids"], position_ids=st["g_pos"], cache=cache, use_cache=True,
+                            attention_mask=mask).last_hidden_state
 
     ref, ref_grads = rows_and_grads(two_pass)
     calls = packed_prefix_attention.calls
-    got, grads = rows_and_grads(lambda: packed_prefix_hidden(decoder, st, torch.float32))
+    got, grads = rows_and_grads(lambda: static_hidden(head, st))
     assert packed_prefix_attention.calls - calls == 2  # once per layer: the packed path really ran
     assert decoder.config._attn_implementation == attn  # and the model's own attention is back
     assert got.shape == ref.shape == (4, 24, 64)
@@ -87,8 +99,9 @@ def test_packed_prefix_pass_names_models_whose_attention_it_cannot_reach():
             return types.SimpleNamespace(last_hidden_state=torch.zeros(*input_ids.shape, 8))
 
     st = _batch()
-    with pytest.raises(ModelError, match="data.shared_prefix 0"):
-        packed_prefix_hidden(OwnAttention(), st, torch.float32)
+    head = types.SimpleNamespace(decoder=OwnAttention(), config=Qwen2Config(), mask_dtype=torch.float32)
+    with pytest.raises(ModelError, match="AttentionInterface"):
+        static_hidden(head, st)
 
 
 @pytest.mark.parametrize("prefix", [12, 0])
@@ -97,14 +110,14 @@ def test_a_short_batch_filled_up_to_full_rows_gives_the_short_batch_s_loss_and_g
     at weight 0 so it replays the full batches' graph shape: the same loss, token count and LoRA gradients as the
     3 rows alone, with and without the shared prefix."""
     model = _tiny_lora("qwen2")
-    step = GraphedLossBackward(model, torch.float32, use_graphs=False)
+    step = _step(model)
     short, filled = _batch(prefix, (3, 9, 17)), _batch(prefix, (3, 9, 17), rows=4)
     full = _batch(prefix, (3, 9, 5, 17))
     assert ("g_pre" in filled) == (prefix > 0)
     assert short["g_ids"].shape[0] == 3 and {k: v.shape for k, v in filled.items()} == {k: v.shape for k, v in full.items()}
     assert filled["g_w"][3].sum() == 0 and torch.equal(filled["g_ids"][3], filled["g_ids"][2])
-    loss, n, grads = step._loss_and_grads(short)
-    f_loss, f_n, f_grads = step._loss_and_grads(filled)
+    loss, n, grads = step.loss_and_grads(short)
+    f_loss, f_n, f_grads = step.loss_and_grads(filled)
     assert n == f_n == short["g_w"].sum() > 0
     torch.testing.assert_close(f_loss, loss, atol=1e-5, rtol=1e-6)
     for g, r in zip(f_grads, grads):
@@ -119,7 +132,7 @@ def test_a_batch_padded_to_a_longer_static_length_gives_the_same_loss_and_gradie
     unpadded one's loss, token count and LoRA gradients; the real tokens' mask is unchanged and every new position
     sees something (an all-hidden query would be NaN in the masked attention)."""
     model = _tiny_lora("qwen2")
-    step = GraphedLossBackward(model, torch.float32, use_graphs=False)
+    step = _step(model)
     st = _batch(prefix)
     S = st["g_ids"].shape[1]
     padded = pad_static_length(st, S + 11)
@@ -127,8 +140,8 @@ def test_a_batch_padded_to_a_longer_static_length_gives_the_same_loss_and_gradie
     assert torch.equal(padded["g_mask"][:, :S, : st["g_mask"].shape[2]], st["g_mask"])
     assert not padded["g_mask"][:, :S, st["g_mask"].shape[2]:].any() and padded["g_mask"][:, S:].any(-1).all()
     assert torch.equal(padded["g_pos"][:, S - 1:], st["g_pos"][:, -1:] + torch.arange(12))
-    loss, n, grads = step._loss_and_grads(st)
-    p_loss, p_n, p_grads = step._loss_and_grads(padded)
+    loss, n, grads = step.loss_and_grads(st)
+    p_loss, p_n, p_grads = step.loss_and_grads(padded)
     assert n == p_n > 0 and torch.isfinite(p_loss)
     torch.testing.assert_close(p_loss, loss, atol=1e-5, rtol=1e-6)
     for g, r in zip(p_grads, grads):
@@ -144,9 +157,9 @@ def test_chunked_batches_are_padded_to_a_power_of_two_within_the_token_cap(monke
     seen = []
     st = _batch(12)  # 4 rows of 24 tokens after the prefix
     for cap, expect, chunks in ((64, 32, 2), (50, 25, 2), (31, 31, 4), (None, 24, 1), (200, 24, 1)):
-        step = GraphedLossBackward(model, torch.float32, use_graphs=False, max_tokens=cap)
+        step = _step(model, max_tokens=cap)
         monkeypatch.setattr(step, "_replay", lambda chunk: (seen.append(chunk["g_ids"].shape),
-                                                            step._loss_and_grads(chunk))[1])
+                                                            step.loss_and_grads(chunk))[1])
         seen.clear()
         step(st)
         assert {s[1] for s in seen} == {expect} and len(seen) == chunks, cap
@@ -162,9 +175,8 @@ def test_bf16_step_casts_lora_weights_once_and_feeds_lora_its_bf16_input_with_th
 
     model = _tiny_lora("qwen2", dtype=torch.bfloat16)  # a bf16 base (the adapter stays fp32, as peft keeps it)
     st = _batch()
-    step = GraphedLossBackward(model, torch.bfloat16, use_graphs=False)
+    step = _step(model, torch.bfloat16)
     assert step.cast_adapter_once
-    step.forwards = step.compiled  # peft's own LoRA forwards (fused.py's route is compared in test_fused.py)
     inputs, weights = [], []
     lora = [m for n, m in model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
 
@@ -174,7 +186,7 @@ def test_bf16_step_casts_lora_weights_once_and_feeds_lora_its_bf16_input_with_th
 
     hooks = [m.register_forward_pre_hook(seen) for m in lora]
     with _Copies() as copies:
-        loss, n, grads = step._loss_and_grads(st)
+        loss, n, grads = step.loss_and_grads(st)
     assert len(weights) == 2 * 4 * 2 and set(weights) == {torch.bfloat16}  # A and B of q/k/v/o in 2 layers
     assert set(inputs[::2]) == {torch.bfloat16}  # lora_A's input: x after dropout
     assert all(m.weight.dtype == torch.float32 for m in lora)
@@ -185,7 +197,7 @@ def test_bf16_step_casts_lora_weights_once_and_feeds_lora_its_bf16_input_with_th
     step.cast_adapter_once = False
     monkeypatch.setattr(peft.helpers, "disable_input_dtype_casting", lambda model, active=True: _nothing())
     with _Copies() as ref_copies:
-        ref_loss, ref_n, ref_grads = step._loss_and_grads(st)
+        ref_loss, ref_n, ref_grads = step.loss_and_grads(st)
     # per step: 16 weight casts + 16 gradient casts + 8 input casts forward and backward -> 2 casts in all
     assert copies.n <= ref_copies.n - 46, (copies.n, ref_copies.n)
     assert set(weights) == {torch.float32} and set(inputs[::2]) == {torch.float32}
@@ -197,43 +209,35 @@ def test_bf16_step_casts_lora_weights_once_and_feeds_lora_its_bf16_input_with_th
 
 
 def test_label_scoring_feeds_lora_its_bf16_input_under_autocast_with_the_same_scores():
-    """FinLLM's labeling context under bf16 autocast: the LoRA layers get their bf16 input as it is (no cast to
-    the adapter's fp32 and back), scores bit-identical to peft's casting, fewer copies; without autocast (fp32
-    input and adapter) nothing changes."""
+    """The fast backend's labeling context under bf16 autocast: the LoRA layers get their bf16 input as it is (no
+    cast to the adapter's fp32 and back), scores bit-identical to peft's casting, fewer copies; without autocast
+    (fp32 input and adapter) nothing changes."""
     from finllm_pl.data import collate_prompts
-    from finllm_pl.module import FinLLM
-    from finllm_pl.scoring import score_labels
 
     model = _tiny_lora("qwen2", dtype=torch.bfloat16).eval()
     g = torch.Generator().manual_seed(2)
     head = torch.randint(1, 97, (10,), generator=g).tolist()
     prompts = [head + torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 8, 5)]
     b = collate_prompts(prompts, 0, [[5, 1], [6, 1], [7, 8, 1]])
-    args = (model, b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"])
-    owner = types.SimpleNamespace(hparams=types.SimpleNamespace(compile_layers=False), _label_forwards=None,
-                                  _labeling_forwards=dict,  # (peft's LoRA forwards: test_fused.py)
-                                  _graphed=None, model=model, device=torch.device("cpu"))
+    backend = FastBackend(model, torch.bfloat16, ["sparse_head", "label_tree", "prefix_reuse"])  # peft's LoRA
     lora_a = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
     inputs = []
     hooks = [m.register_forward_pre_hook(lambda m, a: inputs.append(a[0].dtype)) for m in lora_a]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         with _Copies() as ref_copies:
-            ref = score_labels(*args, prefix=b["prefix_ids"])
+            ref = score_labels_tree(Head(model), b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"],
+                                    prefix=b["prefix_ids"])
         assert set(inputs) == {torch.float32}  # peft's default: the input cast to the adapter's dtype
         inputs.clear()
-        with FinLLM._labeling_modules(owner), _Copies() as copies:
-            got = score_labels(*args, prefix=b["prefix_ids"])
+        with backend.labeling(), _Copies() as copies:
+            got = backend.score(b)
         assert set(inputs) == {torch.bfloat16} and len(inputs) == 2 * 4 * 2  # prefix pass + rows pass
     assert torch.equal(got, ref)
     assert copies.n < ref_copies.n - 16, (copies.n, ref_copies.n)
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
-    with FinLLM._labeling_modules(owner):  # no autocast: peft's casting stays on
+    with backend.labeling():  # no autocast: peft's casting stays on
         assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
         assert torch.backends.cuda.cudnn_sdp_enabled()  # (a CPU model: attention backends left alone)
-    owner.device = torch.device("cuda")  # on CUDA, labeling attention skips cuDNN (a plan per batch shape)
-    with FinLLM._labeling_modules(owner):
-        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
-    assert torch.backends.cuda.cudnn_sdp_enabled()
     for h in hooks:
         h.remove()
 

@@ -1,4 +1,4 @@
-"""finllm_pl/kernels.py: which norms, MLPs and attention layers take the fused route, and that it computes what
+"""finllm_pl/backend/kernels.py: which norms, MLPs and attention layers take the fused route, and that it computes what
 they compute."""
 
 import sys
@@ -8,10 +8,16 @@ from contextlib import contextmanager
 import pytest
 import torch
 from test_training import FAST, Losses, _adapter, _assert_trains_alike, _run
+from lightning.pytorch import Callback
 from torch.cuda.jiterator import _CodeParser
 
-from finllm_pl import kernels
-from finllm_pl.kernels import fused_layer_forwards
+from finllm_pl.backend import kernels
+
+
+def fused_layer_forwards(decoder):
+    """{module: fused forward} for norms and MLPs, and the attention modules whose rotary embedding is fused."""
+    forwards, rope = kernels.layer_forwards(decoder)
+    return {**forwards, **{m: None for m in rope}}
 
 
 def _tiny(arch: str, **extra):
@@ -124,27 +130,50 @@ def test_fused_rotary_rounds_as_hf_s_forward_and_backward(dtype):
         out = fn(q, k, cos, sin)
         return (*out, *torch.autograd.grad(out, (q, k), (gq, gk)))
 
-    ref, got = run(apply_rotary_pos_emb), run(kernels._fused_rope(apply_rotary_pos_emb))
+    dispatch = kernels.RopeDispatch(apply_rotary_pos_emb)
+    ref = run(apply_rotary_pos_emb)
+    with kernels.fused_rope():
+        got = run(dispatch)
     for name, a, b in zip(("q", "k", "dq", "dk"), got, ref):
         assert a.dtype == b.dtype == dtype and torch.equal(a, b), (name, (a.float() - b.float()).abs().max())
-    assert torch.equal(got[0], kernels._Rope.apply(q, k, cos[:, None], sin[:, None])[0])  # it ran _Rope
+    sign = kernels.signs(q.device, dtype)
+    assert torch.equal(got[0], kernels._Rope.apply(q, k, cos[:, None], sin[:, None], sign)[0])  # it ran _Rope
 
 
-def test_fused_attention_forward_runs_the_fused_rotary_and_puts_hf_s_back(monkeypatch):
+def test_the_rotary_dispatcher_runs_the_kernel_only_in_a_thread_that_asked(monkeypatch):
+    """After install_rope, the model file's apply_rotary_pos_emb is HF's function everywhere but inside
+    fused_rope() in the calling thread: a second thread running the same attention class at that moment (predict's
+    warm-up, another model) computes HF's way, and both get HF's numbers."""
+    import threading
+
     from transformers.models.qwen2 import modeling_qwen2
 
     decoder = _tiny("qwen2").model
     attn = decoder.layers[0].self_attn
-    forward = fused_layer_forwards(decoder)[attn]
+    kernels.install_rope(type(attn))
+    assert isinstance(modeling_qwen2.apply_rotary_pos_emb, kernels.RopeDispatch)
     calls = []
     monkeypatch.setattr(kernels._Rope, "apply", lambda *a, _f=kernels._Rope.apply: (calls.append(1), _f(*a))[1])
     x = torch.randn(2, 5, 32)
     pos = decoder.rotary_emb(x, torch.arange(5)[None].expand(2, -1))
     ref, _ = attn(x, position_embeddings=pos, attention_mask=None)
-    got, _ = forward(x, position_embeddings=pos, attention_mask=None)
-    assert calls == [1] and torch.equal(got, ref)
-    assert modeling_qwen2.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb"
-    assert modeling_qwen2.apply_rotary_pos_emb.__module__ == modeling_qwen2.__name__  # HF's own again
+    assert not calls  # outside fused_rope(): HF's own
+    inside, outside = threading.Event(), threading.Event()
+    other = {}
+
+    def elsewhere():
+        inside.wait(10)
+        other["out"], _ = attn(x, position_embeddings=pos, attention_mask=None)
+        outside.set()
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    with kernels.fused_rope():
+        got, _ = attn(x, position_embeddings=pos, attention_mask=None)
+        inside.set()
+        outside.wait(10)
+    thread.join()
+    assert calls == [1] and torch.equal(got, ref) and torch.equal(other["out"], ref)  # the thread: HF's way
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -186,69 +215,62 @@ def test_silu_mul_off_cuda_is_eager_torch():
     assert torch.equal(kernels.silu_mul(g, u), torch.nn.functional.silu(g) * u)
 
 
-@pytest.mark.parametrize("graphs", [True, False], ids=["static_step", "eager_step"])
-def test_fused_layers_train_like_the_modules_own_forwards(workdir, graphs, monkeypatch):
-    """model.fused_layers in the CUDA-graph (here: static, eager on CPU) step and in the plain eager step: the
-    same losses and adapter as without it, with F.rms_norm really called."""
-    calls = []
-    rms_norm = torch.nn.functional.rms_norm
-    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: (calls.append(1), rms_norm(*a, **k))[1])
-    args = FAST + ["--model.lora_dropout", "0", "--trainer.max_epochs", "1", "--model.cuda_graphs", str(graphs).lower()]
+class Counting:
+    """Counts F.rms_norm calls while training runs (not the backend's self-check on its stand-in)."""
+
+    def __init__(self, monkeypatch):
+        self.n, self.on = 0, False
+        real = torch.nn.functional.rms_norm
+        monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: (self.count(), real(*a, **k))[1])
+
+    def count(self):
+        self.n += self.on
+
+    def callback(self):
+        counting = self
+
+        class During(Callback):
+            def on_train_start(self, trainer, pl_module):
+                counting.on = True
+
+            def on_train_end(self, trainer, pl_module):
+                counting.on = False
+        return During()
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static_step", "eager_step"])
+def test_fused_kernels_train_like_the_modules_own_forwards(workdir, static, monkeypatch):
+    """The kernels component in the static step (CUDA graphs' step, eager on CPU) and in the eager step: the same
+    losses and adapter as the fast backend without it, with F.rms_norm really called, HF's forwards back after."""
+    counting = Counting(monkeypatch)
+    args = FAST + ["--model.lora_dropout", "0", "--trainer.max_epochs", "1"]
+    skip = [] if static else ["static_step"]
     ref_losses, losses = Losses(), Losses()
-    ref = _adapter(_run(args, [ref_losses]))
-    assert not calls
-    cli = _run(args + ["--model.fused_layers", "true", "--checkpoint.dirpath", "ck_fused"], [losses])
-    assert len(calls) > 0
-    forwards = cli.model._graphed.forwards if graphs else cli.model._train_forwards
-    assert {type(m).__name__ for m in forwards} >= {"Qwen2RMSNorm", "Qwen2MLP", "Qwen2Attention"}
-    assert not any("forward" in vars(m) for m in forwards)  # the plain forwards are back after each step
+    ref = _adapter(_run(args + ["--model.fast_skip", str(skip + ["kernels"])], [ref_losses, counting.callback()]))
+    assert counting.n == 0
+    cli = _run(args + ["--model.fast_skip", str(skip), "--checkpoint.dirpath", "ck_fused"],
+               [losses, counting.callback()])
+    backend = cli.model.backend
+    assert counting.n > 0 and backend.on["kernels"] and (backend.step is not None) == static
+    assert {type(m).__name__ for m in backend.forwards} >= {"Qwen2RMSNorm", "Qwen2MLP"}
+    assert {type(m).__name__ for m in backend.rope} == {"Qwen2Attention"}
+    assert not any("forward" in vars(m) for m in backend.forwards)  # the plain forwards are back after each step
     _assert_trains_alike(ref_losses, ref, losses, cli)
 
 
-def test_fused_layers_run_again_in_gradient_checkpointing_recompute(workdir, monkeypatch):
-    """The eager step's backward runs inside fast_modules too, so gradient checkpointing's recomputed forwards use
-    the fused norms as the first pass did (twice the calls), and the run trains like the plain checkpointed one."""
-    counts = {}
-    rms_norm = torch.nn.functional.rms_norm
-
-    def counting(*a, **k):
-        counts[key] = counts.get(key, 0) + 1
-        return rms_norm(*a, **k)
-
-    monkeypatch.setattr(torch.nn.functional, "rms_norm", counting)
+def test_fused_kernels_run_again_in_gradient_checkpointing_recompute(workdir, monkeypatch):
+    """The eager step's backward runs inside the module forwards too, so gradient checkpointing's recomputed
+    forwards use the fused norms as the first pass did (twice the calls), and the run trains like the checkpointed
+    run without the kernels. (Gradient checkpointing rules the static step out.)"""
+    counting = Counting(monkeypatch)
     args = FAST + ["--model.lora_dropout", "0", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0"]
-    key = "plain"
-    _run(args + ["--model.fused_layers", "true", "--checkpoint.dirpath", "ck_a"])
+    _run(args + ["--model.fast_skip", "[static_step]", "--checkpoint.dirpath", "ck_a"], [counting.callback()])
+    plain, counting.n = counting.n, 0
     ref_losses, losses = Losses(), Losses()
-    key = "reference"
-    ref = _adapter(_run(args + ["--model.gradient_checkpointing", "true", "--checkpoint.dirpath", "ck_b"], [ref_losses]))
-    key = "checkpointed"
-    cli = _run(args + ["--model.gradient_checkpointing", "true", "--model.fused_layers", "true",
-                       "--checkpoint.dirpath", "ck_c"], [losses])
-    assert "reference" not in counts and counts["checkpointed"] > 1.5 * counts["plain"] > 0
+    ref = _adapter(_run(args + ["--model.gradient_checkpointing", "true", "--model.fast_skip", "[kernels]",
+                                "--checkpoint.dirpath", "ck_b"], [ref_losses, counting.callback()]))
+    assert counting.n == 0
+    cli = _run(args + ["--model.gradient_checkpointing", "true", "--checkpoint.dirpath", "ck_c"],
+               [losses, counting.callback()])
+    assert cli.model.backend.step is None and counting.n > 1.5 * plain > 0
     _assert_trains_alike(ref_losses, ref, losses, cli)
-
-
-def test_kernels_compile_in_a_background_thread_on_cuda_only_and_are_waited_for(monkeypatch):
-    """compile_in_background starts one thread for bf16/fp32 on a CUDA device (tests/test_gpu.py checks what it
-    compiles), and the first kernel use waits for it."""
-    import threading
-
-    release, ran = threading.Event(), []
-
-    def compile_all(device, dtype):
-        release.wait(10)
-        ran.append((device, dtype))
-
-    monkeypatch.setattr(kernels, "_compile_all", compile_all)
-    monkeypatch.setattr(kernels, "_COMPILER", None)
-    kernels.compile_in_background(torch.device("cpu"), torch.bfloat16)
-    kernels.compile_in_background(torch.device("cuda", 1), torch.float16)
-    assert kernels._COMPILER is None  # nothing to compile for the CPU, nor for fp16
-    kernels.compile_in_background(torch.device("cuda", 1), torch.bfloat16)
-    thread = kernels._COMPILER
-    kernels.compile_in_background(torch.device("cuda", 1), torch.bfloat16)
-    assert kernels._COMPILER is thread and thread.is_alive() and not ran
-    release.set()
-    kernels._wait_for_compiler()  # (what _jitted does first)
-    assert ran == [(torch.device("cuda", 1), torch.bfloat16)] and kernels._COMPILER is None

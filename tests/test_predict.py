@@ -242,7 +242,7 @@ def test_prefix_reuse_changes_nothing_but_speed(tmp_path, trained):
     inp = tmp_path / "in.txt"
     inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
     fast = _predict(inp, tmp_path / "fast.jsonl", ckpt=adapter)
-    plain = _predict(inp, tmp_path / "plain.jsonl", "--model.prefix_reuse", "false", ckpt=adapter)
+    plain = _predict(inp, tmp_path / "plain.jsonl", "--model.fast_skip", "[prefix_reuse]", ckpt=adapter)
     assert [r["label"] for r in fast] == [r["label"] for r in plain]
     assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(fast, plain) for k in a["probs"]) < 1e-5
 
@@ -312,38 +312,6 @@ def test_a_started_stream_stops_its_workers_at_teardown(tmp_path):
     assert dm._started_stream is None and not any(w.is_alive() for w in workers)
 
 
-def test_compiled_layers_label_like_the_plain_modules(tmp_path, trained, monkeypatch, caplog):
-    """model.compile_layers puts the compiled norms and MLPs (dynamic shapes: every batch has its own) in place
-    for predict's label scoring too, in jobs large enough to pay for compiling: the same labels and
-    probabilities, and compiled code did run; a smaller job and validate keep the plain modules."""
-    from torch._dynamo.utils import counters
-
-    from finllm_pl import module
-
-    _, adapter, _ = trained
-    inp = tmp_path / "in.txt"
-    inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
-    plain = _predict(inp, tmp_path / "plain.jsonl", ckpt=adapter)
-    fast = ["--model.cuda_graphs", "true", "--model.compile_layers", "true"]
-    before = counters["stats"]["unique_graphs"]
-    monkeypatch.setattr(module, "LABEL_COMPILE_MIN_ROWS", 13)  # 12 rows: too few to compile for
-    small = _predict(inp, tmp_path / "small.jsonl", *fast, ckpt=adapter)
-    assert counters["stats"]["unique_graphs"] == before and small == plain
-    assert "not compiling for ~12 rows" in caplog.text
-    monkeypatch.setattr(module, "LABEL_COMPILE_MIN_ROWS", 12)
-    compiled = _predict(inp, tmp_path / "compiled.jsonl", *fast, ckpt=adapter)
-    assert counters["stats"]["unique_graphs"] > before
-    assert [r["label"] for r in compiled] == [r["label"] for r in plain]
-    assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(plain, compiled) for k in a["probs"]) < 1e-5
-    # validate does not compile (its few hundred rows would not pay for it)
-    run, _, last = trained
-    cli = cli_main(["validate", "--config", str(ROOT / "configs/smoke.yaml"), "--data.train_path", str(SAMPLE),
-                    "--ckpt_path", str(last), "--trainer.default_root_dir", str(tmp_path / "val"),
-                    "--model.cuda_graphs", "true", "--model.compile_layers", "true", *QUIET])
-    assert cli.model.hparams.compile_layers  # the command line's setting, not the .ckpt's saved one
-    assert cli.model._label_forwards is None
-
-
 def test_writer_keeps_input_order_when_chunks_finish_out_of_order(tmp_path, capsys):
     """Workers finish chunks in any order; the part file and its recorded progress only ever hold a prefix of the
     rank's chunks, in input order (a resume continues from the recorded chunk count)."""
@@ -392,14 +360,12 @@ def test_merge_for_labeling_labels_like_the_adapter(tmp_path, trained, monkeypat
     inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
     plain = _predict(inp, tmp_path / "plain.jsonl", ckpt=adapter)
     assert not merges
-    merged = _predict(inp, tmp_path / "merged.jsonl", "--model.dequantize_once", "true",
-                      "--model.merge_for_labeling", "true", ckpt=adapter)
+    merged = _predict(inp, tmp_path / "merged.jsonl", "--model.merge_for_labeling", "true", ckpt=adapter)
     assert len(merges) == 1  # folded in once, and it is what labeled
     assert [r["label"] for r in merged] == [r["label"] for r in plain]
     diff = max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(plain, merged) for k in a["probs"])
     assert diff < 1e-4  # fp32 here: folding B @ A into the weights changes rounding only
-    untuned = _predict(inp, tmp_path / "base.jsonl", "--model.dequantize_once", "true", "--model.merge_for_labeling",
-                       "true")  # no adapter: nothing to fold in
+    untuned = _predict(inp, tmp_path / "base.jsonl", "--model.merge_for_labeling", "true")  # no adapter to fold in
     assert max(abs(a["probs"][k] - b["probs"][k]) for a, b in zip(plain, untuned) for k in a["probs"]) > 1e-3
 
 
@@ -408,7 +374,7 @@ def test_a_kill_after_the_output_is_in_place_does_not_relabel(tmp_path, trained,
     nothing again (the model is never called), leaves the output byte for byte, and cleans up. An output that
     no longer matches the recorded progress is labeled again."""
     from finllm_pl import predict as P
-    from finllm_pl.module import FinLLM
+    from finllm_pl.backend import FastBackend
 
     _, adapter, _ = trained
     inp = tmp_path / "in.jsonl"
@@ -428,7 +394,7 @@ def test_a_kill_after_the_output_is_in_place_does_not_relabel(tmp_path, trained,
     done = out.read_bytes()
 
     monkeypatch.setattr(P, "finish_output", real)
-    monkeypatch.setattr(FinLLM, "_score", lambda self, batch: (_ for _ in ()).throw(AssertionError("relabeled")))
+    monkeypatch.setattr(FastBackend, "score", lambda self, batch: (_ for _ in ()).throw(AssertionError("relabeled")))
     capsys.readouterr()
     assert _predict(inp, out, ckpt=adapter) == first
     assert out.read_bytes() == done and not list(tmp_path.glob("*.part*"))
@@ -458,68 +424,21 @@ def test_replacing_an_export_never_leaves_the_folder_missing(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
-def test_fused_layers_label_like_the_modules_own_forwards(tmp_path, trained, monkeypatch):
-    """predict with model.fused_layers (kernels.py's norms and MLPs, nothing compiled) writes the same labels and
-    probabilities as without it, and really runs the fused norms."""
+def test_the_fast_backend_labels_like_the_plain_one(tmp_path, trained, monkeypatch):
+    """predict on the fast backend (label tree, prefix reuse, fused linears and kernels, the base dequantized)
+    writes the plain backend's labels and probabilities, and really runs the fused norms."""
     _, adapter, _ = trained
     inp = tmp_path / "in.txt"
     inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
-    plain = _predict(inp, tmp_path / "plain.jsonl", ckpt=adapter)
+    plain = _predict(inp, tmp_path / "plain.jsonl", "--model.backend", "plain", ckpt=adapter)
     calls = []
     rms_norm = torch.nn.functional.rms_norm
     monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: (calls.append(1), rms_norm(*a, **k))[1])
-    fused = _predict(inp, tmp_path / "fused.jsonl", "--model.fused_layers", "true", ckpt=adapter)
-    assert calls and len(fused) == len(plain) == 12
-    for a, b in zip(plain, fused):
+    fast = _predict(inp, tmp_path / "fast.jsonl", ckpt=adapter)
+    assert calls and len(fast) == len(plain) == 12
+    for a, b in zip(plain, fast):
         assert a["id"] == b["id"] and a["label"] == b["label"]
         assert max(abs(a["probs"][k] - b["probs"][k]) for k in a["probs"]) < 1e-5
-
-
-def test_warm_up_batch_runs_before_the_first_batch_and_changes_nothing(tmp_path, trained, monkeypatch):
-    """predict's made-up warm-up batch (a thread, started before the model loads; CUDA only, here let onto the
-    CPU) is scored to the end before any real batch; the labels and probabilities stay exactly the same, and the
-    real model gets the same fast forwards (the stand-in is built, and its classes probed, before the loading)."""
-    from finllm_pl import kernels, module
-
-    _, adapter, _ = trained
-    inp = tmp_path / "in.txt"
-    inp.write_text("".join(r["input"] + "\n" for r in _rows(12)))
-    fused = ["--model.fused_layers", "true"]
-    plain = _predict(inp, tmp_path / "plain.jsonl", *fused, ckpt=adapter)
-    calls = []
-    score_labels = module.score_labels
-
-    def recorded(model, prompt_ids, *args, **kwargs):
-        out = score_labels(model, prompt_ids, *args, **kwargs)
-        calls.append((threading.current_thread().name, prompt_ids.shape[0]))
-        return out
-
-    monkeypatch.setattr(module, "score_labels", recorded)
-    monkeypatch.setattr(module, "WARM_UP_DEVICES", ("cuda", "cpu"))
-    for probe in (kernels.rms_norm_class, kernels.rope_attention_class):
-        probe.cache_clear()  # (probed afresh in this run, by the warm-up)
-    forwards = []
-    labeling = module.FinLLM._labeling_forwards
-    monkeypatch.setattr(module.FinLLM, "_labeling_forwards",
-                        lambda self: forwards.append(labeling(self)) or forwards[-1])
-    warm = _predict(inp, tmp_path / "warm.jsonl", *fused, ckpt=adapter)
-    assert calls[0] == ("finllm-warm-up", module.WARM_UP_ROWS)  # finished, and first
-    assert len(calls) > 1 and all(name == threading.current_thread().name for name, _ in calls[1:])
-    assert warm == plain
-    norms = [f for f in forwards[0].values() if getattr(f, "__func__", None) is kernels._norm_forward]
-    assert len(norms) == 2 * 2 + 1  # the tiny model's 2 layers' two norms, and the final norm
-
-
-def test_warm_up_batch_is_made_on_the_host_under_any_default_device():
-    """Lightning's configure_model runs under the GPU as default device; the made-up batch is drawn from a CPU
-    generator all the same (else: 'Expected a cuda device type for generator'), shaped like a real batch."""
-    from finllm_pl import module
-
-    with torch.device("meta"):  # (a default device other than the CPU: what the GPU's would be)
-        batch = module.warm_up_batch(3, torch.device("cpu"))
-    assert batch["prompt_ids"].device.type == "cpu" and batch["prompt_ids"].shape[0] == module.WARM_UP_ROWS
-    assert batch["label_ids"].shape == (3, 2) and len(batch["prefix_ids"]) >= 16
-    assert int(batch["prompt_ids"].max()) < module.WARM_UP_VOCAB
 
 
 def test_predict_workers_hand_the_gil_over_sooner(tmp_path, monkeypatch):
@@ -544,3 +463,16 @@ def test_predict_workers_hand_the_gil_over_sooner(tmp_path, monkeypatch):
         assert data.PROMPT_WORKER_SWITCH_S < before
     finally:
         sys.setswitchinterval(before)
+
+
+def test_the_self_check_draws_its_batches_on_the_host_under_any_default_device(tiny_dir):
+    """Lightning's configure_model runs under the GPU as default device; the self-check's made-up batches are
+    drawn from a CPU generator all the same (else: 'Expected a cuda device type for generator')."""
+    from finllm_pl.backend.selfcheck import RunShape, batches, stand_in_config
+
+    shape = RunShape(str(tiny_dir), "none", torch.float32, torch.device("cpu"), 4, 8, ["q_proj"], "sdpa", False,
+                     128, True)
+    with torch.device("meta"):  # (a default device other than the CPU: what the GPU's would be)
+        train, val = batches(stand_in_config(str(tiny_dir), False), shape, torch.device("cpu"))
+    assert train["g_ids"].device.type == val["prompt_ids"].device.type == "cpu"
+    assert val["label_ids"].shape[0] == 3 and len(val["prefix_ids"]) >= 8

@@ -1,4 +1,5 @@
-"""Label scoring and the sparse-head loss against brute-force references on the tiny model."""
+"""Label scoring (plain, and the fast backend's label tree with prefix reuse) and the losses (plain, sparse head)
+against brute-force references on the tiny model."""
 
 import pytest
 import torch
@@ -6,7 +7,13 @@ import torch
 from finllm_pl import model as hf
 from finllm_pl.data import collate_prompts, collate_train, shared_prefix_ids
 from finllm_pl.prompts import DEFAULT_INSTRUCTION, PromptFormatter
-from finllm_pl.scoring import common_prefix_length, loss_sum, score_labels, score_labels_reference
+from finllm_pl.backend.plain import PlainBackend, score_labels_plain
+from finllm_pl.backend.tree import Head, common_prefix_length, score_labels_reference, score_labels_tree, sparse_loss_sum
+
+
+def score_labels(model, *args, **kwargs):
+    """The label tree (prefix reuse by default), as the fast backend scores."""
+    return score_labels_tree(Head(model), *args, **kwargs)
 
 TEXTS = ["Shares fell 5% after the profit warning.", "Board meets Tuesday.",
          "Revenue rose to a record on strong demand in every region.", "Up."]
@@ -33,11 +40,14 @@ def test_label_scores_equal_brute_force(tiny_dir, tiny_tokenizer, quantization, 
     assert len({len(s) for s in label_ids}) > 1  # labels of different token lengths (multi-token, padded)
     b = collate_prompts([f.encode_prompt(DEFAULT_INSTRUCTION, t) for t in TEXTS], tiny_tokenizer.pad_token_id,
                         label_ids)
+    args = (b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"])
     with torch.no_grad():
-        fast = score_labels(model, b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"])
-    ref = score_labels_reference(model, b["prompt_ids"], b["prompt_mask"], b["label_ids"], b["label_mask"])
-    assert fast.shape == (len(TEXTS), len(labels))
+        fast = score_labels(model, *args)
+        plain = score_labels_plain(model, *args)  # the plain backend: one HF forward per label, padded batch
+    ref = score_labels_reference(model, *args)
+    assert fast.shape == plain.shape == (len(TEXTS), len(labels))
     torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(plain, ref, atol=2e-4, rtol=1e-5)
 
 
 class _DecoderCalls:
@@ -45,7 +55,7 @@ class _DecoderCalls:
 
     def __init__(self, model):
         self.shapes = []
-        decoder = hf.split_head(model)[0]
+        decoder = Head(model).decoder
         self.handle = decoder.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
@@ -213,7 +223,7 @@ def test_host_prefix_scores_like_the_device_prefix_without_reading_the_device(ti
     torch.testing.assert_close(again, device, atol=1e-5, rtol=1e-5)
 
 
-def test_sparse_head_loss_equals_full_vocabulary_loss(tiny_dir, tiny_tokenizer):
+def test_sparse_head_and_plain_losses_equal_hf_s_loss(tiny_dir, tiny_tokenizer):
     model = _lora_model(tiny_dir, "none")
     f = PromptFormatter(tiny_tokenizer)
     rows = []
@@ -222,11 +232,13 @@ def test_sparse_head_loss_equals_full_vocabulary_loss(tiny_dir, tiny_tokenizer):
         rows.append({"input_ids": ids, "labels": labels})
     b = collate_train(rows, tiny_tokenizer.pad_token_id)
     with torch.no_grad():
-        total, n = loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+        total, n = sparse_loss_sum(Head(model), b["input_ids"], b["attention_mask"], b["labels"])
+        plain, plain_n = PlainBackend(model, torch.float32).loss_sum(b["input_ids"], b["attention_mask"], b["labels"])
         ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
     supervised = sum(len(f.encode_answer(lab)) for lab in ["negative", "neutral", "positive", "neutral"])
-    assert n.item() == supervised
-    torch.testing.assert_close(total / n, ref, atol=1e-5, rtol=1e-5)
+    assert n.item() == plain_n.item() == supervised
+    torch.testing.assert_close(total / n, ref, atol=1e-5, rtol=1e-5)  # HF's own mean loss
+    torch.testing.assert_close(plain / n, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_prefix_memo_skips_the_prefix_forward_and_keeps_scores(tiny_dir, tiny_tokenizer):

@@ -175,29 +175,31 @@ class SeenPrefix(Callback):
         self.lengths.append(batch["g_pre"].shape[1] if "g_pre" in batch else 0)
 
 
-@pytest.mark.parametrize("shared_prefix, attn", [(8, "sdpa"), (0, "sdpa"), (8, "eager")])
-def test_cuda_graphs_step_gives_the_eager_steps_losses_and_adapter(workdir, shared_prefix, attn):
-    """model.cuda_graphs' fixed-shape step (lengths padded to static buckets, explicit 4D mask, supervised-token
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_fast_backend_trains_like_the_plain_one(workdir, attn):
+    """The fast backend (its static step: lengths padded to static buckets, explicit 4D mask, supervised-token
     slots, the rows' common prefix run once with its keys/values shared, gradients from autograd.grad added into
-    p.grad across the accumulation window) trains exactly like the default step. Without CUDA it runs eagerly;
-    the capture/replay itself is the gpu test's."""
+    p.grad across the accumulation window; the 4-bit base held dequantized; the fused linears and kernels) trains
+    exactly like Hugging Face + peft as they are. Without CUDA the static step runs eagerly; the capture/replay
+    itself is the gpu test's."""
     # (eager attention takes the 4D mask additive, sdpa boolean); no dropout: masks of padded shapes would differ
     args = FAST + ["--model.lora_dropout", "0", "--model.attn_implementation", attn]
-    ref_losses, graph_losses, seen = Losses(), Losses(), SeenPrefix()
-    ref = _adapter(_run(args, [ref_losses]))
-    cli = _run(args + ["--model.cuda_graphs", "true", "--checkpoint.dirpath", "ck_graphs",
-                       "--data.shared_prefix", str(shared_prefix)], [graph_losses, seen])
-    assert cli.model._graphed is not None and cli.model._graphed.grads is not None  # the static path ran
-    # the prefix path ran on every batch (the smoke data's rows share template + instruction), or never
-    assert all(n >= 8 for n in seen.lengths) if shared_prefix else not any(seen.lengths)
+    ref_losses, fast_losses, seen = Losses(), Losses(), SeenPrefix()
+    ref = _adapter(_run(args + ["--model.backend", "plain"], [ref_losses]))
+    cli = _run(args + ["--checkpoint.dirpath", "ck_fast"], [fast_losses, seen])
+    backend = cli.model.backend
+    assert backend.step is not None and backend.step.grads is not None  # the static path ran
+    assert all(backend.on[c] for c in ("dequantize", "sparse_head", "label_tree", "prefix_reuse", "static_step",
+                                       "lora_groups", "kernels")), backend.on
+    assert seen.lengths and all(n >= 8 for n in seen.lengths)  # the smoke rows share template + instruction
     assert len(ref_losses.by_step) == 8
-    _assert_trains_alike(ref_losses, ref, graph_losses, cli)
+    _assert_trains_alike(ref_losses, ref, fast_losses, cli)
     got = _adapter(cli)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in got.items() if "lora_B" in k)  # it trained
 
 
 def test_static_batch_slots_hold_every_supervised_token():
-    from finllm_pl.data import static_batch
+    from finllm_pl.backend.static import static_batch
 
     ids = torch.arange(2 * 7).view(2, 7)
     mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
@@ -212,7 +214,7 @@ def test_static_batch_slots_hold_every_supervised_token():
 
 
 def test_static_batch_splits_off_the_shared_prefix_before_the_first_supervised_token():
-    from finllm_pl.data import static_batch
+    from finllm_pl.backend.static import static_batch
 
     # rows share tokens 0..4; row 1's answer starts at token 4, so its hidden state 3 is supervised: P = 3
     ids = torch.tensor([[9, 8, 7, 6, 5, 1, 2, 3], [9, 8, 7, 6, 5, 4, 0, 0]])
@@ -231,7 +233,7 @@ def test_static_batch_splits_off_the_shared_prefix_before_the_first_supervised_t
 
 
 def test_static_lengths_are_few_and_pad_little():
-    from finllm_pl.data import static_length
+    from finllm_pl.backend.static import static_length
 
     lengths = [static_length(n) for n in range(1, 513)]
     assert lengths[:16] == [16] * 16 and static_length(17) == 24 and static_length(65) == 80
@@ -253,70 +255,51 @@ def test_budget_batches_cut_by_rows_and_padded_tokens():
     assert all(len(b) * max(lengths[i] for i in b) <= 12 or len(b) == 1 for b in budget_batches(asc, lengths, 8, 12))
 
 
-def test_dequantize_once_trains_exactly_like_the_4bit_layers(workdir):
-    """model.dequantize_once swaps each 4-bit layer for a plain one holding its dequantized weight: the same
+def test_dequantize_trains_exactly_like_the_4bit_layers(workdir):
+    """The fast backend's dequantize swaps each 4-bit layer for a plain one holding its dequantized weight: the same
     losses and adapter as dequantizing at every forward and backward (dropout off: the RNG draws would match
     anyway, this keeps the comparison about the weights)."""
     import bitsandbytes as bnb
 
     args = FAST + ["--model.lora_dropout", "0", "--trainer.max_epochs", "1"]
     ref_losses, once_losses = Losses(), Losses()
-    ref_cli = _run(args, [ref_losses])
+    ref_cli = _run(args + ["--model.fast_skip", "[dequantize]"], [ref_losses])
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in ref_cli.model.model.modules())
-    cli = _run(args + ["--model.dequantize_once", "true", "--checkpoint.dirpath", "ck_once"], [once_losses])
+    cli = _run(args + ["--checkpoint.dirpath", "ck_once"], [once_losses])
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in cli.model.model.modules())
     _assert_trains_alike(ref_losses, _adapter(ref_cli), once_losses, cli)
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_chunked_micro_batches_train_like_whole_ones(workdir, graphs, monkeypatch):
+@pytest.mark.parametrize("static", [False, True])
+def test_chunked_micro_batches_train_like_whole_ones(workdir, static, monkeypatch):
     """model.chunk_tokens runs a micro-batch as row chunks (one forward + backward each, gradients summed): the
-    same losses and adapter as whole micro-batches, on the default step and on the static (CUDA-graph) step."""
-    import finllm_pl.graphs as graphs_mod
-    import finllm_pl.module as module_mod
+    same losses and adapter as whole micro-batches, on the eager step and on the static (CUDA-graph) step."""
+    from finllm_pl.backend import fast, plain, static as static_mod
 
-    splits, real = [], graphs_mod.row_chunks
+    splits, real = [], plain.row_chunks
 
     def counting(rows, length, max_tokens):
         parts = real(rows, length, max_tokens)
-        splits.append((rows, len(parts), max(p.stop - p.start for p in parts) * length))
+        if max_tokens is not None:  # (the backend's self-check on its stand-in runs whole batches)
+            splits.append((rows, len(parts), max(p.stop - p.start for p in parts) * length))
         return parts
 
     args = FAST + ["--model.lora_dropout", "0", "--trainer.max_epochs", "1",
-                   "--model.cuda_graphs", str(graphs).lower()]
+                   "--model.fast_skip", "[]" if static else "[static_step]"]
     ref_losses, chunk_losses = Losses(), Losses()
     ref = _adapter(_run(args, [ref_losses]))
-    for mod in (graphs_mod, module_mod):
+    for mod in (plain, fast, static_mod):
         monkeypatch.setattr(mod, "row_chunks", counting)
     cli = _run(args + ["--model.chunk_tokens", "100", "--checkpoint.dirpath", "ck_chunks"], [chunk_losses])
+    assert (cli.model.backend.step is not None) == static
     assert splits and all(n > 1 and tokens <= 100 for rows, n, tokens in splits if rows > 1)  # every batch split
     _assert_trains_alike(ref_losses, ref, chunk_losses, cli)
 
 
 def test_row_chunks_cap_the_padded_tokens_with_few_shapes():
-    from finllm_pl.graphs import row_chunks
+    from finllm_pl.backend.plain import row_chunks
 
     assert row_chunks(32, 64, None) == [slice(0, 32)] and row_chunks(32, 64, 2048) == [slice(0, 32)]
     assert row_chunks(32, 224, 3584) == [slice(0, 16), slice(16, 32)]  # 16 x 224 = 3,584
     assert row_chunks(13, 100, 450) == [slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 13)]
     assert row_chunks(3, 500, 100) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # a row longer than the cap: alone
-
-
-def test_compiled_layers_train_like_the_plain_static_step(workdir):
-    """model.compile_layers (torch.compile of the norms and MLPs, one function per class) gives the
-    static step's losses and adapter, runs compiled code, and leaves the modules plain for validation/predict."""
-    from torch._dynamo.utils import counters
-
-    args = FAST + ["--model.lora_dropout", "0", "--trainer.max_epochs", "1", "--model.cuda_graphs", "true"]
-    ref_losses, comp_losses = Losses(), Losses()
-    ref = _adapter(_run(args, [ref_losses]))
-    before = counters["stats"]["unique_graphs"]
-    cli = _run(args + ["--model.compile_layers", "true", "--checkpoint.dirpath", "ck_compiled"], [comp_losses])
-    compiled = cli.model._graphed.compiled
-    assert counters["stats"]["unique_graphs"] > before  # dynamo compiled something
-    kinds = {type(m).__name__ for m in compiled}
-    assert kinds == {"Qwen2RMSNorm", "Qwen2MLP"}, kinds
-    assert len(compiled) == 2 * 3  # each of the 2 layers' two norms and MLP (the final norm runs plain)
-    assert not any("forward" in vars(m) for m in compiled)  # the plain forwards are back
-    assert cli.model._label_forwards is None  # fit's validation labels with the plain modules (no second compile)
-    _assert_trains_alike(ref_losses, ref, comp_losses, cli)

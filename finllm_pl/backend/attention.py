@@ -1,52 +1,44 @@
-"""Grouped-query attention under a custom mask without repeating keys and values per query head (plain torch).
+"""Grouped-query attention under a custom mask without repeating keys and values per query head (fast component
+`folded_attention`; plain torch + transformers).
 
-Why: label scoring runs SDPA with a custom 4D mask (the prompt + label tree of scoring.py). Under a mask, HF's
+Why: label scoring runs SDPA with a custom 4D mask (the prompt + label tree of tree.py). Under a mask, HF's
 `sdpa_attention_forward` cannot use SDPA's own grouped-query support (CUDA's memory-efficient kernel has none), so
 it copies each layer's keys and values once per query head of their group (`repeat_kv`: 6 copies each for the
 1.5B model's 12 query and 2 key/value heads), and SDPA turns the boolean mask into a float one in every layer.
 Here the g query heads that share a key/value head are laid end to end along the query axis instead (`folded`):
 query head h = k * g + j's row t becomes row j * T + t of key/value head k, and the mask is repeated g times along
-that axis once per forward (not per layer), already additive and aligned as the kernel wants it. Each query row
-still attends to the same keys under the same mask, one row at a time: the same kernel, the same bits.
+that axis once per forward (not per layer; kept on the mask tensor itself, so it goes with it), already additive and
+aligned as the kernel wants it. Each query row still attends to the same keys under the same mask, one row at a
+time: the same kernel, the same bits (tests/test_gpu.py).
 
-Measured on an H100 (results/gpu/predict_rows_fold_early_workers.json): one layer's attention at labeling's shapes
-0.63 -> 0.48 ms (239 rows x 95 queries over 140 keys), 0.46 -> 0.19 ms (520 x 21 over 66), the same bits
-(tests/test_gpu.py); with fused.py's in-place LoRA add, the 13,173-row job's GPU time 4.17-4.33 -> 3.86-3.97 s
-(3 + 3 runs alternating, one machine), the same output bits.
-
-Used while labeling (no gradients) on CUDA: kernels.py's attention forward puts `FoldedAttention` in place of its
-model file's attention registry while it runs. Anything else (training, no mask, one query row, dropout, other
-arguments, one query head per key/value head) runs the registry's own function.
+How it is put in place: `folded_sdpa_or_sdpa` is registered with transformers' AttentionInterface under its own name
+(a named entry, registered once), and the backend's labeling context sets a model's `config._attn_implementation`
+to that name while it labels (that model alone; its mask code is sdpa's). It folds only what it can
+(`foldable`: no gradients, CUDA, a 4D mask, more query heads than key/value heads, no dropout or soft-capping);
+every other call runs HF's sdpa function as it is.
 """
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-REGISTRY = "ALL_ATTENTION_FUNCTIONS"  # the name HF model files look their attention function up under
+FOLDED = "finllm_folded_sdpa"  # the name folded_sdpa_or_sdpa is registered under
 FOLD_DEVICES = ("cuda",)  # where it was measured (the same bits there); elsewhere HF's sdpa path as it is
 MASK_ALIGN = 16  # SDPA's memory-efficient kernel copies a mask whose rows are not a multiple of this apart
 
 
-# Folded masks by their source mask (a forward's layers all pass the same one), for as long as it lives: a job's
-# last mask goes when its batch does, nothing is held after labeling. (By id with a weak reference: tensors compare
-# elementwise, so they cannot key a WeakKeyDictionary.)
-_FOLDED: dict[int, tuple[weakref.ref, dict]] = {}
-
-
 def folded_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, groups * Tq, Tk] additive mask (0 or -inf, in `dtype`) of a [B, 1, Tq, Tk] boolean or additive one,
-    its row j * Tq + t being row t; rows MASK_ALIGN-aligned in memory. Made once per mask, group count and dtype."""
-    entry = _FOLDED.get(id(mask))
-    if entry is None or entry[0]() is not mask:
-        key = id(mask)
-        entry = _FOLDED[key] = (weakref.ref(mask, lambda _, key=key: _FOLDED.pop(key, None)), {})
-    made = entry[1]
+    its row j * Tq + t being row t; rows MASK_ALIGN-aligned in memory. Made once per mask, group count and dtype
+    (kept as an attribute of the mask tensor: every layer of a forward gets the same mask object)."""
+    made = getattr(mask, "_finllm_folded", None)
+    if made is None:
+        made = mask._finllm_folded = {}
     if (groups, dtype) not in made:
         made[groups, dtype] = _fold(mask, groups, dtype)
     return made[groups, dtype]
@@ -90,32 +82,35 @@ def folded_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     return out.unflatten(2, (g, Tq)).permute(0, 3, 1, 2, 4).reshape(B, Tq, H, -1), None
 
 
-class FoldedAttention:
-    """A model file's attention registry as its attention layers see it during label scoring: "sdpa" folds the
-    query heads where it can (`foldable`), every other entry and call is the registry's own."""
+def folded_sdpa_or_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: Any, dropout: float = 0.0, scaling: Optional[float] = None,
+                        is_causal: Optional[bool] = None, **kwargs):
+    """HF's sdpa attention function, folded where `foldable`."""
+    if foldable(module, query, key, attention_mask, dropout, kwargs):
+        return folded_sdpa(module, query, key, value, attention_mask, scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
 
-    def __init__(self, registry: Any) -> None:
-        self.registry = registry
 
-    def _wrap(self, name: str, fn: Callable) -> Callable:
-        if name != "sdpa" or fn is not sdpa_attention_forward:  # (what folded_sdpa stands in for, nothing else)
-            return fn
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        def sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-            if foldable(module, query, key, attention_mask, dropout, kwargs):
-                return folded_sdpa(module, query, key, value, attention_mask, scaling)
-            return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                      is_causal=is_causal, **kwargs)
-        return sdpa
+    AttentionInterface.register(FOLDED, folded_sdpa_or_sdpa)
+    AttentionMaskInterface.register(FOLDED, sdpa_mask)
 
-    def get_interface(self, name: str, default: Callable) -> Callable:
-        return self._wrap(name, self.registry.get_interface(name, default))
 
-    def __getitem__(self, name: str) -> Callable:
-        return self._wrap(name, self.registry[name])
-
-    def __getattr__(self, attr: str) -> Any:  # (anything else the file asks of the registry)
-        return getattr(self.registry, attr)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.registry
+@contextmanager
+def folded_attention(config) -> Iterator[None]:
+    """While the block runs, the model whose config this is attends through folded_sdpa_or_sdpa (if it attends
+    through HF's sdpa function; other implementations are left as they are)."""
+    before = getattr(config, "_attn_implementation", None)
+    if before != "sdpa":
+        yield
+        return
+    _register()
+    config._attn_implementation = FOLDED
+    try:
+        yield
+    finally:
+        config._attn_implementation = before

@@ -1,37 +1,25 @@
-"""Attention's LoRA linears with fewer, larger kernels, for the fast paths (the CUDA-graph training step and label
-scoring enter them through graphs.fast_modules). Plain torch + peft.
+"""The attention's LoRA linears with fewer, larger kernels (fast component `lora_groups`; plain torch + peft).
 
 Why: peft runs a LoRA linear as base matmul, dropout, A matmul, B matmul, scale, add: six kernels that each read or
 write a whole [tokens, hidden] tensor for a rank-4 update, and its backward twice that. With the base held
-dequantized (model.dequantize_once) and the step replayed from a CUDA graph, the 1.5B model's attention
-projections took 11.4 ms of a ~34 ms training step, where their matmuls' arithmetic needs ~2.
+dequantized and the step replayed from a CUDA graph, the 1.5B model's attention projections took 11.4 ms of a
+~34 ms training step, where their matmuls' arithmetic needs ~2.
 - q_proj, k_proj and v_proj read the same hidden states. One matmul over their weights concatenated computes all
   three base outputs. Their LoRA updates take two more: one batched matmul for the three A's (three independent
   dropout masks, drawn by one kernel) and one for the three B's as one block-diagonal matrix, which scales and
-  adds into the base output (addmm). The k and v outputs are handed to k_proj and v_proj when the attention
-  layer calls them with the same input right after q_proj.
-- Every other LoRA linear of the attention (o_proj): B's matmul scales and adds into the base output (addmm).
-Same math as peft's forward; only float rounding differs (the update is rounded once, added in the matmul), and the
-dropout masks come from the same RNG in another order. Only the plain case takes this route: base layers that are
-plain nn.Linear (dequantized or unquantized; frozen), one active vanilla LoRA adapter (or merged ones: the base
-alone), inputs in the adapter's dtype or under autocast. Anything else runs peft's own forward, checked at every
-call. The concatenated q/k/v weight is a copy (176 MB for the 1.5B model), made again when a base weight changes.
-
-Measured on an H100 (each against its baseline in the same call, new processes, empty compile caches):
-- 28 layers' attention projections, forward + backward from a CUDA graph: 11.42 -> 10.47 ms per step at 1,800
-  tokens, 17.94 -> 17.25 at 3,600 (benchmarks/lora_kernels.py, results/gpu/lora_kernels.json).
-- The fast config's epoch through the CLI, two calls: later epochs 14.7 -> 14.0 and 14.5 -> 14.1 s, first epochs
-  25.4 -> 21.5 and 22.7 -> 21.5 s (fewer kernels to capture), peak 9.0 -> 9.4 GiB, the same losses
-  (results/gpu/fit_epoch_fused{,_baseline}.json).
-- predict, 52,692 rows (merged adapter: q/k/v as one matmul): 2,707 -> 2,792 rows/s
-  (results/gpu/predict_rows_x4_fused{,_baseline}.json).
-MLP linears are left alone: gate_proj and up_proj as one matmul measured 14.47 -> 14.11 ms (1,800 tokens), not
-worth a concatenated copy of their weights (1.5 GB).
+  adds into the base output. The k and v outputs are handed to k_proj and v_proj when the attention layer calls them
+  with the same input right after q_proj.
+- Every other LoRA linear of the attention (o_proj): B's matmul scales and adds into the base output.
+Same math as peft's forward; only float rounding differs, and the dropout masks come from the same RNG in another
+order. Only the plain case takes this route: frozen nn.Linear bases (dequantized or unquantized), one active vanilla
+LoRA adapter (or merged ones: the base alone), inputs in the adapter's dtype or under autocast; anything else runs
+peft's own forward, checked at every call. The concatenated weights are kept until `invalidate()` (the backend calls
+it whenever weights change: an optimizer step, a load, a merge). MLP linears are left alone (gate/up as one matmul
+did not pay for a 1.5 GB weight copy: docs/performance.md).
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -89,8 +77,8 @@ class LoRAGroup:
         self.modules = modules
         self.bases = [_base(m) for m in modules]
         self.sizes = [b.out_features for b in self.bases]
-        self._fused: tuple = ((), None, None)  # (the weights' identity, concatenated weight, bias)
-        self._lora: tuple = (((), ()), None, None)  # ((adapters' identity, them), A's concatenated, B's block-diagonal)
+        self._fused: Optional[tuple] = None  # (concatenated base weight, bias), until invalidate()
+        self._lora: Optional[tuple] = None  # (dtype, A's concatenated, B's block-diagonal), until invalidate()
         self._pending: Optional[tuple] = None  # (input, outputs of the later modules)
 
     @staticmethod
@@ -108,33 +96,28 @@ class LoRAGroup:
             out[m] = lambda x, *args, _i=i, **kwargs: self._later(_i, x, *args, **kwargs)
         return out
 
+    def invalidate(self) -> None:
+        """Forget the concatenated weights: a base weight, an adapter or the merge state changed."""
+        self._fused, self._lora = None, None
+
     def _weights(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The base weights (and biases) concatenated, made again whenever one of them changed (a merge)."""
+        """The base weights (and biases) concatenated, made once until `invalidate()`."""
         if len(self.bases) == 1:
             return self.bases[0].weight, self.bases[0].bias
-        ws = [b.weight for b in self.bases] + [b.bias for b in self.bases if b.bias is not None]
-        # peft merges by writing into weight.data, which moves no pointer and bumps no version: the merged
-        # adapters are part of the key
-        key = tuple((w.data_ptr(), w._version) for w in ws) + tuple(
-            tuple(getattr(m, "merged_adapters", ())) for m in self.modules)
-        if key != self._fused[0]:
+        if self._fused is None:
             bias = None if self.bases[0].bias is None else torch.cat([b.bias for b in self.bases]).detach()
-            self._fused = (key, torch.cat([b.weight for b in self.bases]).detach(), bias)
-        return self._fused[1], self._fused[2]
+            self._fused = (torch.cat([b.weight for b in self.bases]).detach(), bias)
+        return self._fused
 
     def _lora_weights(self, As: list[torch.Tensor], Bs: list[torch.Tensor],
                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A's concatenated and B's as one block-diagonal matrix, in the matmuls' dtype, kept while none of them
-        changes: made at every call, they are ~6 small kernels per attention layer per labeling batch, each a host
-        launch. Without gradients only (the kept tensors are made without autograd). The same bits (autocast would
-        cast them to `dtype` the same way at every call). On an H100 the 13,173-row job stayed within the
-        run-to-run spread (4.97, 5.06, 4.84 vs 5.08, 4.99, 5.00 s; results/gpu/predict_rows_lora_cache.json)."""
-        weights = (*As, *Bs)
-        key = (dtype, *((w.data_ptr(), w._version) for w in weights))
-        if key != self._lora[0][0]:  # (the weights themselves are kept too: no other tensor can take their memory)
+        """A's concatenated and B's as one block-diagonal matrix, in the matmuls' dtype, kept until `invalidate()`:
+        made at every call, they are ~6 small kernels per attention layer per labeling batch. Without gradients
+        only (the kept tensors are made without autograd); the same bits as autocast's cast at every call."""
+        if self._lora is None or self._lora[0] != dtype:
             A = torch.cat(As) if len(As) > 1 else As[0]
             B = torch.block_diag(*Bs) if len(Bs) > 1 else Bs[0]
-            self._lora = ((key, weights), A.to(dtype), B.to(dtype))
+            self._lora = (dtype, A.to(dtype), B.to(dtype))
         return self._lora[1], self._lora[2]
 
     def _first(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -162,9 +145,8 @@ class LoRAGroup:
             if ps[0] == 0 and not torch.is_grad_enabled():  # labeling: the same A's and B's batch after batch
                 A, B = self._lora_weights(As, Bs, y.dtype)  # (y: in the dtype autocast runs the matmuls in)
                 # Into y itself: addmm would first copy y into a new output, a device copy of the whole [tokens, out]
-                # tensor per call; this is the same matmul and epilogue (beta 1), the same bits. On an H100 at 15,000
-                # tokens: 0.128 -> 0.084 ms per q/k/v call (results/gpu/predict_rows_fold_early_workers.json;
-                # LoRA's rank padded to 8 for aligned matmuls changed the bits: not done).
+                # tensor per call; this is the same matmul and epilogue (beta 1), the same bits (an H100 at 15,000
+                # tokens: 0.128 -> 0.084 ms per q/k/v call, docs/performance.md).
                 y.addmm_(F.linear(x2, A), B.t(), alpha=alpha)
             else:
                 h = lora_hidden(x2, As, ps[0])
@@ -183,25 +165,25 @@ class LoRAGroup:
         return type(self.modules[i]).forward(self.modules[i], x, *args, **kwargs)
 
 
-_GROUPS: "weakref.WeakKeyDictionary[torch.nn.Module, list[LoRAGroup]]" = weakref.WeakKeyDictionary()
-
-
-def fused_forwards(decoder: torch.nn.Module) -> dict[torch.nn.Module, Callable]:
-    """Forwards for the attention layers' linears (LoRAGroup): q/k/v together (when all three are LoRA layers, or
-    none is), every other LoRA linear of the attention on its own. Modules of other shapes are not in the dict
-    (they keep their own forward). The groups of an attention layer are made once, so the training step and
-    labeling share one concatenated q/k/v weight."""
-    out: dict[torch.nn.Module, Callable] = {}
+def lora_groups(decoder: torch.nn.Module) -> list[LoRAGroup]:
+    """The attention layers' LoRA linears as groups: q/k/v together (when all three are LoRA layers, or none is),
+    every other LoRA linear of the attention on its own. Modules of other shapes are in none (they keep their own
+    forward). The backend makes them once per model, so training and labeling share one concatenated q/k/v weight."""
+    groups: list[LoRAGroup] = []
     for attn in decoder.modules():
         if not all(isinstance(getattr(attn, n, None), torch.nn.Module) for n in QKV):
             continue
-        if attn not in _GROUPS:
-            qkv = [getattr(attn, n) for n in QKV]
-            together = LoRAGroup.fits(qkv)
-            groups = [LoRAGroup(qkv)] if together else []
-            groups += [LoRAGroup([m]) for name, m in attn.named_children()
-                       if not (together and name in QKV) and hasattr(m, "lora_A") and LoRAGroup.fits([m])]
-            _GROUPS[attn] = groups
-        for group in _GROUPS[attn]:
-            out.update(group.forwards())
+        qkv = [getattr(attn, n) for n in QKV]
+        together = LoRAGroup.fits(qkv)
+        groups += [LoRAGroup(qkv)] if together else []
+        groups += [LoRAGroup([m]) for name, m in attn.named_children()
+                   if not (together and name in QKV) and hasattr(m, "lora_A") and LoRAGroup.fits([m])]
+    return groups
+
+
+def group_forwards(groups: list[LoRAGroup]) -> dict[torch.nn.Module, Callable]:
+    """The forwards of every group's modules (fast.module_forwards puts them in place)."""
+    out: dict[torch.nn.Module, Callable] = {}
+    for group in groups:
+        out.update(group.forwards())
     return out

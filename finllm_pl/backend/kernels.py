@@ -1,58 +1,39 @@
-"""The decoder layers' norms, gated MLPs and rotary embeddings in fused kernels that need no compiling (plain torch;
-the fast paths put them in place through graphs.fast_modules).
+"""The decoder layers' norms, gated MLPs and rotary embeddings in fused kernels that need no compiling (fast component
+`kernels`; plain torch).
 
 Why: written as HF writes them, an RMSNorm is ~8 elementwise kernels forward and more backward (fp32 casts, square,
-mean, rsqrt, two products), and a gated MLP's `act(gate) * up` two kernels forward and three backward, each reading
-or writing a whole [tokens, width] tensor. torch.compile fuses them (model.compile_layers), but compiling them costs
-~5-6 s in a new process (dynamo, AOT autograd, inductor, Triton), which is most of what the first epoch costs
-beyond the later ones. Here:
+mean, rsqrt, two products), a gated MLP's `act(gate) * up` two kernels forward and three backward, the rotary
+embedding `q * cos + rotate_half(q) * sin` ~10 forward and ~18 backward per layer, each reading or writing a whole
+tensor. torch.compile fuses them too, but costs seconds of compiling in every new process; these are compiled by
+NVRTC in a fraction of a second (at their first call, in the backend's self-check on a stand-in, before the model
+loads). docs/performance.md has the measurements against torch.compile and Liger-Kernel.
 - An RMSNorm runs as torch's own `F.rms_norm`, one fused kernel on CUDA, forward and backward. It rounds once
   (normalise and scale in fp32) where HF rounds the normalised value before scaling: at most ~1 bf16 ulp apart.
-- A SiLU-gated MLP's `silu(gate) * up` runs as one elementwise kernel forward and one (two outputs) backward, made
-  by torch's jiterator (NVRTC compiles it in a fraction of a second, at the first call). It rounds as eager torch
-  does: silu's output to the input dtype, then the product; backward as autograd's mul and silu_backward. It
-  keeps `gate` and `up` for the backward, not silu's output too.
-Measured on an H100 (new processes, empty inductor and Triton caches):
-- 28 layers' norms + MLP at 2,592 tokens, forward + backward from a CUDA graph: eager 33.9 ms, torch.compile'd
-  23.5-23.7, these 23.7, Liger-Kernel's Triton kernels 24.0; the first call (compiling) 5.5-6.0 s compiled, 2.6-3.3
-  Liger, 0.65 these (0.21 with torch's NVRTC disk cache; benchmarks/norm_mlp_first_call.py,
-  results/gpu/norm_mlp_first_call.json).
-- The fast config's two epochs through the CLI, instead of compile_layers: first epoch 21.2 -> 16.7 and 16.5 s,
-  later 13.3 s either way, peak 8.9 -> 9.5 GiB, the same losses (results/gpu/fit_epoch_fused_layers*.json).
-- predict, 13,173 rows (which compile_layers does not compile for): 2,407 -> 2,780 and 2,705 rows/s from the first
-  batch (results/gpu/predict_rows_fused_layers*.json).
-- The rotary embedding, HF's `q * cos + rotate_half(q) * sin` (and k's), is ~10 kernels forward and ~18 backward
-  per layer (neg, cat, two products and a sum; slices' zero-filled gradients): here one jiterator kernel per tensor
-  each way (the backward is the same kernel with sin's halves swapped and negated), rounded as eager torch rounds
-  it (bit for bit, tests/test_gpu.py). It is put in place by the attention layer's forward, which swaps its model
-  file's `apply_rotary_pos_emb` for the fused one while it runs. Per layer (benchmarks/rope_kernel.py,
-  results/gpu/rope_kernel.json): 0.61 -> 0.49 ms forward + backward at the packed step's 2,600 tokens, 0.55-0.66
-  -> 0.26-0.31 ms forward on labeling batches. Through the CLI, with the chunk padding of graphs.py (separate
-  calls, new processes; results/gpu/fit_epoch_rope*.json): first epoch 16.8 -> 15.3 s, later 13.4 -> 12.8 s;
-  predict, 13,173 rows: 2,728 -> 2,893 rows/s from the first batch.
-- The three kernels are compiled by a thread while the model loads (`compile_in_background`, started by the
-  LightningModule's configure_model), not in the first training step: first step 2.39 -> 0.78 s, first epoch
-  16.4 -> 14.3 s (one call, results/gpu/fit_epoch_compile_thread.json); labeling unchanged (2,918 and 2,842 vs
-  2,883 rows/s from the first batch, results/gpu/predict_rows_compile_thread.json).
+- A SiLU-gated MLP's `silu(gate) * up` is one elementwise kernel forward and one (two outputs) backward (torch's
+  jiterator), rounded as eager torch rounds it.
+- The rotary embedding is one kernel per tensor each way, bit for bit HF's. HF's attention layers call their model
+  file's `apply_rotary_pos_emb`; `install_rope` puts a dispatcher in its place once, which runs the fused kernel
+  only in a thread that asked for it (`fused_rope()`, entered by the fast backend around its forwards) and HF's own
+  function everywhere else: another thread, or another model in this process, is not affected.
 A module takes this route only if its class computes the same thing: its forward is run once on tiny random
-weights (CPU, fp32) against the formula (`rms_norm_class`, `silu_gated_mlp_class`, `rope_attention_class`). Off
-CUDA, or in other dtypes, the gated product runs as eager torch; the rotary embedding as eager torch in the kernel's
-order (the same bits: the CPU tests check its backward formula).
+weights (CPU, fp32) against the formula (`rms_norm_class`, `silu_gated_mlp_class`, `rope_attention_class`); the
+backend's self-check then compares the whole model against the plain path. Off CUDA, or in other dtypes, the gated
+product and the rotary embedding run as eager torch (the rotary embedding in the kernel's order: the same bits).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import sys
 import threading
 import types
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-
-from .attention import REGISTRY, FoldedAttention
 
 # NVRTC code for torch.cuda.jiterator, math in fp32 (torch's opmath for bf16 and fp32). Jiterator may hand a bf16
 # kernel fp32 values (T), so where eager torch rounds an intermediate to bf16 (silu's output, the product's
@@ -95,62 +76,16 @@ _ROUND = {
 }
 
 
-def _jitted(dtype: torch.dtype):
-    _wait_for_compiler()
-    return _make_jitted(dtype)
-
-
 @functools.cache
-def _make_jitted(dtype: torch.dtype):
+def _jitted(dtype: torch.dtype):
+    """The three kernels for `dtype` (NVRTC compiles each at its first call; functools.cache keeps the compiled
+    functions, as torch keeps its own kernels)."""
     from torch.cuda.jiterator import _create_jit_fn, _create_multi_output_jit_fn
 
     r = _ROUND[dtype]
     return (_create_jit_fn(_SILU_MUL.replace("ROUND", r)),
             _create_multi_output_jit_fn(_SILU_MUL_BACKWARD.replace("ROUND", r), num_outputs=2),
             _create_jit_fn(_ROPE.replace("ROUND", r)))
-
-
-_COMPILER: Optional[threading.Thread] = None  # compile_in_background's thread, until waited for
-
-
-def compile_in_background(device: torch.device, dtype: torch.dtype) -> None:
-    """Starts a thread that compiles (NVRTC) the kernels below for `dtype` while this process goes on loading the
-    model and reading the first batch. Why: each kernel is compiled at its first call (~0.2-0.5 s each where
-    torch's kernel disk cache does not have it), which would otherwise happen in the first training step or
-    labeling batch with the GPU idle. The compiler holds the GIL, so it overlaps only what runs without it (CUDA
-    work, file reads, waiting for the DataLoader's workers). The first kernel call here waits for the thread.
-    Nothing happens off CUDA or for other dtypes; if the thread fails, the kernels are compiled at first use."""
-    global _COMPILER
-    if _COMPILER is None and dtype in _ROUND and device.type == "cuda":
-        _COMPILER = threading.Thread(target=_compile_all, args=(device, dtype), name="finllm-kernels", daemon=True)
-        _COMPILER.start()
-
-
-def _wait_for_compiler() -> None:
-    global _COMPILER
-    thread = _COMPILER
-    if thread is not None and thread is not threading.current_thread():
-        thread.join()
-        _COMPILER = None
-
-
-def _compile_all(device: torch.device, dtype: torch.dtype) -> None:
-    """Runs each kernel once as the fast paths call it: silu_mul's forward and backward on contiguous tensors
-    (their vectorized kernels), the rotary embedding on a q view of a q/k/v output (its backward runs the same
-    kernel). Not through autograd: its worker thread would wait for this one (_jitted) while this one waits for
-    the backward."""
-    try:
-        with torch.cuda.device(device):
-            silu_fwd, silu_bwd, _ = _make_jitted(dtype)
-            g = torch.randn(64, 64, device=device, dtype=dtype)
-            silu_fwd(g, g)
-            silu_bwd(g, g, g)
-            q = torch.randn(1, 3, 4, 8, device=device, dtype=dtype).transpose(1, 2)
-            cos = torch.randn(1, 1, 3, 8, device=device, dtype=dtype)
-            _rope(q, cos, cos)
-            torch.cuda.synchronize(device)
-    except Exception:  # (compiled at first use then, as without this thread)
-        pass
 
 
 class _SiluMul(torch.autograd.Function):
@@ -176,25 +111,16 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 ROPE = "apply_rotary_pos_emb"  # the function HF's attention layers (Llama, Qwen2, Mistral, ...) call by this name
 
 
-_SIGNS: dict[tuple, torch.Tensor] = {}
+def signs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[[-1], [1]]: the rotation's sign in each half. Made by kernels, not copied from the host: a copy from the host
+    cannot be captured in a CUDA graph (RopeDispatch keeps one per device and dtype outside a capture)."""
+    return torch.ones(2, 1, device=device, dtype=dtype).cumsum(0).mul_(2).sub_(3)
 
 
-def _signs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """[[-1], [1]]: the rotation's sign in each half (made once per device and dtype; while a CUDA graph is being
-    captured, made by kernels the graph records, as a copy from the host cannot be captured)."""
-    key = (device, dtype)
-    if key in _SIGNS:
-        return _SIGNS[key]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.ones(2, 1, device=device, dtype=dtype).cumsum(0).mul_(2).sub_(3)
-    return _SIGNS.setdefault(key, torch.tensor([[-1.0], [1.0]], dtype=dtype).to(device))
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """`x * cos + rotate_half(x) * sin` (cos and sin broadcastable to x), rounded as eager torch rounds it: on CUDA
     one kernel (_ROPE), elsewhere eager torch in the kernel's order."""
     halves = x.unflatten(-1, (2, -1))  # [..., 2, D/2]
-    sign = _signs(x.device, x.dtype)
     if not x.is_cuda:
         return x * cos + (halves.flip(-2) * sign).flatten(-2) * sin
     c, s = (t.unflatten(-1, (2, -1)) for t in (cos, sin))
@@ -206,15 +132,15 @@ class _Rope(torch.autograd.Function):
     sin's halves swapped and negated (as autograd rounds it: each product, then the sum)."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rope(q, cos, sin), _rope(k, cos, sin)
+    def forward(ctx, q, k, cos, sin, sign):
+        ctx.save_for_backward(cos, sin, sign)
+        return _rope(q, cos, sin, sign), _rope(k, cos, sin, sign)
 
     @staticmethod
     def backward(ctx, gq, gk):
-        cos, sin = ctx.saved_tensors
+        cos, sin, sign = ctx.saved_tensors
         back = -sin.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-        return _rope(gq, cos, back), _rope(gk, cos, back), None, None
+        return _rope(gq, cos, back, sign), _rope(gk, cos, back, sign), None, None, None
 
 
 def _rope_fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -223,32 +149,51 @@ def _rope_fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
             and k.shape[-1] == cos.shape[-1] == sin.shape[-1] == d and not (cos.requires_grad or sin.requires_grad))
 
 
-@functools.cache
-def _fused_rope(original):
-    """`original` (a model file's apply_rotary_pos_emb) computed as _Rope where the tensors fit; as itself else.
-    (Made once per function: the attention layers ask for it at every call.)"""
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if args or set(kwargs) - {"unsqueeze_dim"} or not _rope_fits(q, k, cos, sin):
-            return original(q, k, cos, sin, *args, **kwargs)
-        dim = kwargs.get("unsqueeze_dim", 1)
-        return _Rope.apply(q, k, cos.unsqueeze(dim), sin.unsqueeze(dim))
-    return apply_rotary_pos_emb
+_FUSED_ROPE: contextvars.ContextVar[bool] = contextvars.ContextVar("finllm_fused_rope", default=False)
 
 
-def _attention_forward(self, *args, **kwargs):
-    """The attention class's own forward, with its model file's apply_rotary_pos_emb swapped for the fused one
-    while it runs (the forward looks the function up in the file's globals at every call); without gradients
-    (label scoring), its attention registry too, for one that folds grouped query heads (attention.py)."""
-    namespace = sys.modules[type(self).__module__].__dict__
-    swaps = {ROPE: _fused_rope(namespace[ROPE])}
-    if REGISTRY in namespace and not torch.is_grad_enabled():
-        swaps[REGISTRY] = FoldedAttention(namespace[REGISTRY])
-    originals = {name: namespace[name] for name in swaps}
-    namespace.update(swaps)
+@contextlib.contextmanager
+def fused_rope() -> Iterator[None]:
+    """Within this block, in this thread, installed rotary dispatchers run the fused kernel."""
+    token = _FUSED_ROPE.set(True)
     try:
-        return type(self).forward(self, *args, **kwargs)
+        yield
     finally:
-        namespace.update(originals)
+        _FUSED_ROPE.reset(token)
+
+
+class RopeDispatch:
+    """Stands in a model file for its `apply_rotary_pos_emb`: HF's function, or (inside `fused_rope()`, where the
+    tensors fit) the fused kernel."""
+
+    def __init__(self, original) -> None:
+        self.original = original
+        self.signs: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> signs(): a constant, made once
+        functools.update_wrapper(self, original, updated=())
+
+    def __call__(self, q, k, cos, sin, *args, **kwargs):
+        if not _FUSED_ROPE.get() or args or set(kwargs) - {"unsqueeze_dim"} or not _rope_fits(q, k, cos, sin):
+            return self.original(q, k, cos, sin, *args, **kwargs)
+        dim = kwargs.get("unsqueeze_dim", 1)
+        key = (q.device, q.dtype)
+        sign = self.signs.get(key)
+        if sign is None:
+            sign = signs(*key)
+            if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):  # (a graph's memory is its own)
+                self.signs[key] = sign
+        return _Rope.apply(q, k, cos.unsqueeze(dim), sin.unsqueeze(dim), sign)
+
+
+_INSTALL = threading.Lock()
+
+
+def install_rope(cls: type) -> None:
+    """Put a RopeDispatch in place of the attention class's model file's `apply_rotary_pos_emb` (once; it computes
+    HF's function wherever fused_rope() is not entered)."""
+    namespace = sys.modules[cls.__module__].__dict__
+    with _INSTALL:
+        if not isinstance(namespace[ROPE], RopeDispatch):
+            namespace[ROPE] = RopeDispatch(namespace[ROPE])
 
 
 def _eps(m: torch.nn.Module) -> Optional[float]:
@@ -321,6 +266,7 @@ def rope_attention_class(cls: type) -> bool:
     `x * cos + rotate_half(x) * sin` for q and k (tried on random CPU fp32 tensors; not e.g. an interleaved or a
     partial rotary embedding)."""
     fn = getattr(sys.modules.get(cls.__module__), ROPE, None)
+    fn = fn.original if isinstance(fn, RopeDispatch) else fn
     if not callable(fn) or ROPE not in inspect.unwrap(cls.forward).__code__.co_names:
         return False
     try:
@@ -337,10 +283,12 @@ def rope_attention_class(cls: type) -> bool:
         return False
 
 
-def fused_layer_forwards(decoder) -> dict[torch.nn.Module, Any]:
-    """Forwards for each decoder layer's RMSNorms (and the final norm), SiLU-gated MLP and rotary attention whose
-    class passes the probe; other modules are left out (model.compile_layers may compile the norms and MLPs)."""
+def layer_forwards(decoder) -> tuple[dict[torch.nn.Module, Any], list[torch.nn.Module]]:
+    """({norm or MLP module: fused forward}, attention modules whose rotary embedding the fused kernel computes) for
+    each decoder layer (and the final norm) whose class passes the probe; other modules are left out. The
+    attention classes' model files get their RopeDispatch (install_rope)."""
     out: dict[torch.nn.Module, Any] = {}
+    rope: list[torch.nn.Module] = []
     modules = [m for layer in decoder.layers for m in layer.modules()] + [getattr(decoder, "norm", None)]
     for m in modules:
         if m is None or m in out:
@@ -354,6 +302,6 @@ def fused_layer_forwards(decoder) -> dict[torch.nn.Module, Any]:
             out[m] = types.MethodType(_mlp_forward, m)
         elif all(isinstance(getattr(m, n, None), torch.nn.Module) for n in ("q_proj", "k_proj")) and \
                 rope_attention_class(type(m)):
-            out[m] = types.MethodType(_attention_forward, m)
-    return out
-
+            install_rope(type(m))
+            rope.append(m)
+    return out, rope
