@@ -1,6 +1,9 @@
-"""Temperature / vector scaling, ECE / Brier and calibration.json (calibration.py).
+"""Temperature / vector scaling, ECE / Brier, calibration.json and label-shift EM (calibration.py, prior_shift.py).
 
 Synthetic data only, seeded, CPU, float64; the whole file runs in a few seconds."""
+
+import json
+import math
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from finllm_pl.calibration import (
     write_reliability_png,
 )
 from finllm_pl.errors import ModelError
+from finllm_pl.prior_shift import adjust_to_prior, em_prior
 
 
 def draw(logits: torch.Tensor, seed: int) -> torch.Tensor:
@@ -157,3 +161,57 @@ def test_corrupt_calibration_json(tmp_path, content, reason):
         Calibration.load(tmp_path)
     msg = str(e.value)
     assert FILENAME in msg and reason in msg and "\n" not in msg
+
+
+# --- label shift (EM) ---------------------------------------------------------------------------
+
+MEANS = torch.tensor([-2.0, 0.0, 2.0], dtype=torch.float64)  # x | y ~ N(MEANS[y], 1)
+TRAIN_PRIOR = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+
+
+def posteriors_under_train_prior(prior: torch.Tensor, n: int, seed: int):
+    """Rows drawn with class prior `prior`; the exact posteriors a model trained under TRAIN_PRIOR would give."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.multinomial(prior, n, replacement=True, generator=g)
+    x = MEANS[y] + torch.randn(n, generator=g, dtype=torch.float64)
+    log_joint = -0.5 * (x[:, None] - MEANS[None]) ** 2 + TRAIN_PRIOR.log()
+    return torch.softmax(log_joint, -1), y
+
+
+def test_em_recovers_a_shifted_prior():
+    true_prior = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    probs, y = posteriors_under_train_prior(true_prior, 20000, seed=11)
+    naive = probs.mean(0)
+    assert (naive - true_prior).abs().max() > 0.08  # what EM has to correct is not small
+    prior, adjusted, iters = em_prior(probs, TRAIN_PRIOR)
+    assert (prior - true_prior).abs().max() < 0.02, prior
+    assert 1 < iters < 100
+    assert torch.allclose(adjusted.sum(-1), torch.ones(len(y), dtype=torch.float64))
+    assert torch.allclose(adjusted.mean(0), prior, atol=1e-5)  # a fixed point: prior = mean adjusted posterior
+    # Adjusting to the true prior helps accuracy on the shifted data.
+    acc = lambda p: float((p.argmax(-1) == y).double().mean())  # noqa: E731
+    assert acc(adjusted) > acc(probs) + 0.02
+    assert torch.allclose(adjust_to_prior(probs, TRAIN_PRIOR, prior), adjusted)
+
+
+def test_em_leaves_a_matched_prior_alone():
+    probs, _ = posteriors_under_train_prior(TRAIN_PRIOR, 20000, seed=12)
+    prior, adjusted, _ = em_prior(probs, TRAIN_PRIOR)
+    assert (prior - TRAIN_PRIOR).abs().max() < 0.02, prior
+    assert (adjusted - probs).abs().max() < 0.05
+
+
+def test_prior_shift_validation():
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    with pytest.raises(ValueError, match="sum to 1"):
+        em_prior(p, torch.tensor([0.5, 0.6]))
+    with pytest.raises(ValueError, match="positive"):
+        adjust_to_prior(p, torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="one entry per class"):
+        em_prior(p, torch.tensor([0.2, 0.3, 0.5]))
+    with pytest.raises(ValueError, match="every row of probs"):
+        em_prior(torch.tensor([[0.5, 0.6]]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="non-negative"):
+        em_prior(torch.tensor([[-1.0, 2.0]]), torch.tensor([0.5, 0.5]))
+    same = adjust_to_prior(p, torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5]))
+    assert math.isclose(float(same[1, 0]), 0.9, rel_tol=1e-6)  # same prior: nothing changes
