@@ -209,8 +209,15 @@ class Calibration:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature must be a positive number, got {t!r}")
+        for name in ("fitted_on", "before", "after"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be an object, got {getattr(self, name)!r}")
+        names = self.labels
+        if names is not None and not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
+            raise ValueError(f"labels must be a list of label names, got {names!r}")
         if self.kind == "vector":
             ok = all(isinstance(v, list) and v and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
                      for v in (self.w, self.b))

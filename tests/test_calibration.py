@@ -154,6 +154,8 @@ def test_calibration_json_round_trip(tmp_path):
     ('{"kind": "vector", "w": [1, 1], "b": [0]}', "same length"),
     ('{"kind": "temperature", "temprature": 2}', "unknown field"),       # typo
     ('[1, 2]', "not an object"),
+    ('{"kind": "temperature", "temperature": 1.0, "before": 3}', "before must be an object"),
+    ('{"kind": "temperature", "temperature": true}', "positive number"),
 ])
 def test_corrupt_calibration_json(tmp_path, content, reason):
     (tmp_path / FILENAME).write_text(content)
