@@ -54,7 +54,7 @@ def _read_text(path, encoding: str) -> str:
     p = Path(path)
     if not p.is_file():
         what = "is a folder, not a file" if p.is_dir() else "file not found"
-        raise PrepareError(path, None, what, "check the INPUT path")
+        raise PrepareError(path, None, what, "check the path given on the command line")
     data = p.read_bytes()
     try:
         return data.decode(encoding)
