@@ -39,7 +39,7 @@ from .files import atomic_file, fsync_dir, write_atomic
 from .prompts import PromptFormatter
 from .records import DataError, iter_rows
 
-PROGRESS_VERSION = 3  # 2: growing chunks (chunk_size); 3: from 256 rows
+PROGRESS_VERSION = 4  # 2: growing chunks (chunk_size); 3: from 256 rows; 4: ids are line numbers
 FIRST_CHUNK_ROWS = 256
 
 

@@ -46,7 +46,8 @@ def _predict(inp, out, *extra, ckpt=None):
 
 
 def _write_inputs(tmp: Path, rows: list[dict]) -> dict[str, tuple[Path, list[str], bool]]:
-    """The same texts in every input format: {name: (path, expected ids in order, has gold)}."""
+    """The same texts in every input format: {name: (path, expected ids in order, has gold)}. A row's own id is
+    its id, else its 1-based line number (CSV: after the header line)."""
     n = len(rows)
     ids = [f"r{i:03d}" for i in range(n)][::-1]  # ids not in sorted order: the output must keep input order
     files = {}
@@ -55,16 +56,16 @@ def _write_inputs(tmp: Path, rows: list[dict]) -> dict[str, tuple[Path, list[str
     files["jsonl-train-schema"] = (p, ids, True)
     p = tmp / "text_rows.jsonl"
     p.write_text("".join(json.dumps({"text": r["input"]}) + "\n" for r in rows))
-    files["jsonl-text"] = (p, [str(i) for i in range(n)], False)
+    files["jsonl-text"] = (p, [str(i + 1) for i in range(n)], False)
     p = tmp / "news.csv"
     with open(p, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["date", "headline", "label"])
         w.writerows([["2024-01-01", r["input"], r["output"]] for r in rows])
-    files["csv"] = (p, [str(i) for i in range(n)], True)
+    files["csv"] = (p, [str(i + 2) for i in range(n)], True)
     p = tmp / "lines.txt"
     p.write_text("".join(r["input"].replace("\n", " ") + "\n" for r in rows))
-    files["txt"] = (p, [str(i) for i in range(n)], False)
+    files["txt"] = (p, [str(i + 1) for i in range(n)], False)
     return files
 
 
@@ -159,7 +160,7 @@ def test_generate_mode_writes_free_text_and_counts_unparsed(tmp_path, trained, c
     inp.write_text("".join(json.dumps(r) + "\n" for r in _rows(9)))
     out = _predict(inp, tmp_path / "gen.jsonl", "--model.predict_mode", "generate", "--model.max_new_tokens", "3",
                    ckpt=adapter)
-    assert [r["id"] for r in out] == [str(i) for i in range(9)]
+    assert [r["id"] for r in out] == [str(i + 1) for i in range(9)]  # (line numbers: the rows have no id)
     for r in out:
         assert "generated" in r and "probs" not in r
         assert r["label"] == parse_generated(r["generated"], ["negative", "neutral", "positive"])
