@@ -155,7 +155,8 @@ class FinLLMCLI(LightningCLI):
         hp = self.datamodule.hparams
         # Every row is read (and checked) once before any is labeled: a bad row at line 900,000 stops the job now,
         # with nothing written, instead of hours later beside a half-labeled output.
-        for _ in iter_rows(hp.predict_path, instruction=hp.instruction, need_output=False, text_column=hp.text_column):
+        for _ in iter_rows(hp.predict_path, instruction=hp.instruction, need_output=False, text_column=hp.text_column,
+                           keep_fields=expect["keep_fields"]):
             pass
         self.trainer.callbacks.append(PredictionWriter(output, self.datamodule.hparams.labels, expect))
 

@@ -403,6 +403,7 @@ class InstructionDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         predict_path: Optional[str] = None,
         predict_output: Optional[str] = None,
+        keep_fields: Optional[list[str]] = None,
         tokenizer: str = "builtin:tiny-deepseek",
         trust_remote_code: bool = False,
         prompt_style: PromptStyle = "auto",
@@ -432,6 +433,8 @@ class InstructionDataModule(L.LightningDataModule):
             val_fraction: fraction of train_path held out for validation when val_path is unset (0 = none).
             predict_path: file to label with `predict` (JSONL, CSV with `text_column`, or plain text lines).
             predict_output: where `predict` writes its JSONL (default: predictions/<input stem>.labels.jsonl).
+            keep_fields: input fields copied into each predict output row (JSONL keys or CSV columns; `text` is the
+                input text in every format, and the only field of plain-text input), e.g. [id, date, ticker].
             tokenizer: tokenizer to load (linked to model.model_name_or_path; do not set it twice).
             trust_remote_code: allow code from the model folder (linked to model.trust_remote_code).
             prompt_style: auto (chat template when the tokenizer has one), chat, or plain Instruction/Input/Answer.
@@ -568,7 +571,7 @@ class InstructionDataModule(L.LightningDataModule):
 
     def predict_job(self) -> tuple[str, dict[str, Any]]:
         """(output path, identity of this labeling job): a restart resumes only a job with the same identity."""
-        from .predict import PROGRESS_VERSION, input_fingerprint
+        from .predict import PROGRESS_VERSION, check_keep_fields, input_fingerprint
 
         hp = self.hparams
         if not hp.predict_path:
@@ -581,11 +584,12 @@ class InstructionDataModule(L.LightningDataModule):
             output = os.path.join("predictions", Path(hp.predict_path).stem + ".labels.jsonl")
         _, world = self._rank_world()
         expect = {"version": PROGRESS_VERSION, "input": input_fingerprint(hp.predict_path), "labels": list(hp.labels),
-                  "world": world, "chunk_rows": hp.predict_chunk_rows, "prompt": self.build_formatter().fingerprint()}
+                  "world": world, "chunk_rows": hp.predict_chunk_rows, "prompt": self.build_formatter().fingerprint(),
+                  "keep_fields": check_keep_fields(hp.keep_fields)}
         return output, expect
 
     def _predict_stream(self):
-        from .predict import PredictStream, finished_earlier, load_progress
+        from .predict import PredictStream, check_keep_fields, finished_earlier, load_progress
 
         hp = self.hparams
         output, expect = self.predict_job()
@@ -594,7 +598,8 @@ class InstructionDataModule(L.LightningDataModule):
         start = sys.maxsize if finished_earlier(output, world, expect) else load_progress(output, rank, expect)["chunks"]
         return PredictStream(hp.predict_path, self.build_formatter(), self.label_ids, hp.instruction, hp.text_column,
                              hp.eval_batch_size, hp.predict_chunk_rows, hp.max_length, hp.labels,
-                             max_tokens=hp.eval_batch_tokens, rank=rank, world_size=world, start_chunk=start)
+                             max_tokens=hp.eval_batch_tokens, rank=rank, world_size=world, start_chunk=start,
+                             keep_fields=check_keep_fields(hp.keep_fields))
 
     def _predict_loader(self, stream) -> DataLoader:
         from .predict import PredictLoader

@@ -37,10 +37,27 @@ from torch.utils.data import DataLoader, IterableDataset
 from .data import budget_batches, collate_prompts
 from .files import atomic_file, fsync_dir, write_atomic
 from .prompts import PromptFormatter
+from .errors import ConfigError
 from .records import DataError, iter_rows
 
 PROGRESS_VERSION = 4  # 2: growing chunks (chunk_size); 3: from 256 rows; 4: ids are line numbers
 FIRST_CHUNK_ROWS = 256
+
+
+OUTPUT_KEYS = ("id", "label", "probs", "gold", "generated")  # what predict writes in each row itself
+
+
+def check_keep_fields(fields: Optional[Sequence[str]]) -> list[str]:
+    """data.keep_fields as a list, or a ConfigError: no name twice, none that the output row uses itself ("id"
+    aside: it is the row's own id, which the output already carries)."""
+    fields = list(fields or [])
+    for f in fields:
+        if fields.count(f) > 1:
+            raise ConfigError(f"data.keep_fields: '{f}' is listed twice; list each field once")
+        if f in OUTPUT_KEYS and f != "id":
+            raise ConfigError(f"data.keep_fields: '{f}' is a key predict writes itself ({', '.join(OUTPUT_KEYS)}; "
+                              "the input's label is written as gold); remove it from data.keep_fields")
+    return fields
 
 
 def chunk_size(c: int, chunk_rows: int, world: int) -> int:
@@ -101,16 +118,18 @@ def _write_progress(output: str, rank: int, state: dict[str, Any]) -> None:
 
 
 class PredictStream(IterableDataset):
-    """Yields collated prompt batches with their rows' (index, id, gold) for this rank, chunk by chunk."""
+    """Yields collated prompt batches with their rows' (index, id, gold) for this rank, chunk by chunk (and, with
+    keep_fields, the rows' kept input fields as batch["fields"])."""
 
     def __init__(self, path: str, formatter: PromptFormatter, label_ids: list[list[int]], instruction: str,
                  text_column: str, batch_size: int, chunk_rows: int, max_length: int, labels: Sequence[str],
-                 rank: int = 0, world_size: int = 1, start_chunk: int = 0, max_tokens: Optional[int] = None) -> None:
+                 rank: int = 0, world_size: int = 1, start_chunk: int = 0, max_tokens: Optional[int] = None,
+                 keep_fields: Sequence[str] = ()) -> None:
         self.path, self.formatter, self.label_ids = path, formatter, label_ids
         self.instruction, self.text_column, self.labels = instruction, text_column, list(labels)
         self.batch_size, self.chunk_rows, self.max_length = batch_size, chunk_rows, max_length
         self.rank, self.world_size, self.start_chunk = rank, world_size, start_chunk
-        self.max_tokens = max_tokens
+        self.max_tokens, self.keep_fields = max_tokens, list(keep_fields)
         self.created = time.perf_counter()
         self.asked: Optional[float] = None  # when the loop asked for its batches (PredictionWriter: the wait from it)
         self.started: Optional[Iterator] = None  # an iterator made ahead of the loop (PredictLoader.start)
@@ -120,7 +139,8 @@ class PredictStream(IterableDataset):
         return {**self.__dict__, "started": None}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rows = iter_rows(self.path, instruction=self.instruction, need_output=False, text_column=self.text_column)
+        rows = iter_rows(self.path, instruction=self.instruction, need_output=False, text_column=self.text_column,
+                         keep_fields=self.keep_fields)
         pad = self.formatter.tokenizer.pad_token_id
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -140,6 +160,8 @@ class PredictStream(IterableDataset):
             for idx in budget_batches(order, [len(p) for p in prompts], self.batch_size, self.max_tokens):
                 batch = collate_prompts([prompts[i] for i in idx], pad, self.label_ids)
                 batch["rows"] = [(chunk[i].index, chunk[i].id, chunk[i].output) for i in idx]
+                if self.keep_fields:
+                    batch["fields"] = [chunk[i].fields for i in idx]
                 batch["chunk"] = (c, len(chunk))
                 yield batch
 
@@ -168,7 +190,8 @@ def parse_generated(text: str, labels: Sequence[str]) -> Optional[str]:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes one JSON line per input row, in input order: id, label, probabilities, gold (when known)."""
+    """Writes one JSON line per input row, in input order: id, the kept input fields (data.keep_fields), label,
+    probabilities, gold (when known)."""
 
     def __init__(self, output: str, labels: Sequence[str], expect: dict[str, Any]) -> None:
         super().__init__(write_interval="batch")
@@ -208,6 +231,8 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         # One batch behind: this batch's scores may still be on their way from the GPU (predict_step does not
         # wait for them), the previous batch's have landed, and writing them overlaps this batch's scoring.
+        if "fields" in batch:  # (predict_step passes the rows on, not the rest of the batch)
+            prediction["fields"] = batch["fields"]
         previous, self.in_flight = self.in_flight, (prediction, batch["chunk"])
         if previous is not None:
             self._write(*previous)
@@ -220,8 +245,11 @@ class PredictionWriter(BasePredictionWriter):
         slot = self.pending.setdefault(c, {"size": size, "rows": {}})
         # one tolist() for the batch: indexing a tensor row by row costs more than the JSON
         probs = torch.softmax(prediction["scores"], -1).tolist() if "scores" in prediction else None
+        fields = prediction.get("fields")
         for j, (index, rid, gold) in enumerate(prediction["rows"]):
             rec: dict[str, Any] = {"id": rid}
+            if fields is not None:
+                rec.update(fields[j])
             if probs is not None:
                 p = probs[j]
                 rec["label"] = self.labels[max(range(len(p)), key=p.__getitem__)]  # (first of equals, as argmax)

@@ -545,3 +545,39 @@ def test_predict_workers_hand_the_gil_over_sooner(tmp_path, monkeypatch):
         assert data.PROMPT_WORKER_SWITCH_S < before
     finally:
         sys.setswitchinterval(before)
+
+
+# -- issue 26: what the outputs carry, where they go, and when they may be replaced ------------------------------
+def test_kept_input_fields_come_through_to_every_output_row(tmp_path, trained):
+    """data.keep_fields copies input fields into each output row, as they are in the input; ids are line numbers
+    (blank lines count), so every output row joins back to its input line."""
+    _, adapter, _ = trained
+    rows = _rows(6)
+    src = tmp_path / "news.jsonl"
+    recs = [{"id": f"n{i}", "text": r["input"], "date": f"2024-01-0{i + 1}", "ticker": ["ABC", None, 7][i % 3]}
+            for i, r in enumerate(rows)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = _predict(src, tmp_path / "news.out.jsonl", "--data.keep_fields", "[id, date, ticker, text]", ckpt=adapter)
+    assert [r["id"] for r in out] == [r["id"] for r in recs]
+    assert [{k: r[k] for k in ("date", "ticker", "text")} for r in out] == \
+        [{"date": r["date"], "ticker": r["ticker"], "text": r["text"]} for r in recs]
+    assert all(r["label"] in ("negative", "neutral", "positive") for r in out)
+
+    csv_src = tmp_path / "news.csv"
+    with open(csv_src, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["date", "headline", "ticker"])
+        w.writerows([[f"2024-02-0{i + 1}", r["input"], f"T{i}"] for i, r in enumerate(rows)])
+    out = _predict(csv_src, tmp_path / "csv.out.jsonl", "--data.text_column", "headline", "--data.keep_fields",
+                   "[ticker, date]", ckpt=adapter)
+    assert [(r["id"], r["ticker"], r["date"]) for r in out] == [(str(i + 2), f"T{i}", f"2024-02-0{i + 1}")
+                                                                for i in range(6)]
+
+    txt = tmp_path / "lines.txt"
+    lines = ["", rows[0]["input"], "", "", rows[1]["input"], rows[2]["input"], "  "]
+    txt.write_text("\n".join(lines) + "\n")
+    out = _predict(txt, tmp_path / "txt.out.jsonl", "--data.keep_fields", "[text]", ckpt=adapter)
+    assert [r["id"] for r in out] == ["2", "5", "6"]
+    assert all(lines[int(r["id"]) - 1] == r["text"] for r in out)  # the user's join
+    plain = _predict(txt, tmp_path / "txt.plain.jsonl", ckpt=adapter)  # nothing asked: no extra keys
+    assert [set(r) for r in plain] == [{"id", "label", "probs"}] * 3
