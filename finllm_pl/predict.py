@@ -16,6 +16,12 @@ before it), to its part file and records its progress
 the same command truncates the part file to the recorded size and continues from the next chunk. At the end the
 part(s) become the output by a rename (or a merge, then a rename, on several ranks): the output file appears
 complete or not at all.
+
+Which job an output belongs to: beside a finished output, `<output>.job.json` records its input (path and content
+fingerprint), labels, prompt format, kept fields and model (`model_identity`), and the output's own fingerprint.
+The same command run again finds its job done and labels nothing; an output of another input (or a file predict
+did not write) is replaced only with data.overwrite; the same input with another model, labels, prompt or content
+is labeled again (plan_output).
 """
 
 from __future__ import annotations
@@ -78,6 +84,97 @@ def input_fingerprint(path: str) -> str:
         f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     return h.hexdigest()[:20]
+
+
+def model_identity(hparams: dict[str, Any], ckpt_path: Optional[str], precision: Any) -> str:
+    """A digest of what makes the labels: every model setting, the precision, and the weights' files (a .ckpt, an
+    adapter folder, a local model folder) by content fingerprint. A finished output is "done" only for the same
+    digest: any change labels again (a setting that only changes speed too: costly at worst, never stale)."""
+    weights: dict[str, Any] = {}
+    for key, path in (("ckpt_path", ckpt_path), ("adapter_path", hparams.get("adapter_path")),
+                      ("model_name_or_path", hparams.get("model_name_or_path"))):
+        if isinstance(path, str) and os.path.isfile(path):
+            weights[key] = input_fingerprint(path)
+        elif isinstance(path, str) and os.path.isdir(path):
+            weights[key] = {f.name: input_fingerprint(str(f)) for f in sorted(Path(path).iterdir())
+                            if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".json")}
+    blob = json.dumps({"hparams": dict(hparams), "ckpt_path": ckpt_path, "precision": str(precision),
+                       "weights": weights}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def default_output(predict_path: str) -> str:
+    """predictions/<input file name>.labels.jsonl: the input's extension stays in the name, so my.txt and my.csv
+    never share an output."""
+    os.makedirs("predictions", exist_ok=True)
+    return os.path.join("predictions", Path(predict_path).name + ".labels.jsonl")
+
+
+def job_path(output: str) -> Path:
+    return Path(f"{output}.job.json")
+
+
+def read_job(output: str) -> Optional[dict[str, Any]]:
+    try:
+        job = json.loads(job_path(output).read_text())
+    except (OSError, ValueError):
+        return None
+    return job if isinstance(job, dict) else None
+
+
+def write_job(output: str, job: dict[str, Any]) -> None:
+    """The record of the job a finished output belongs to, with the output's fingerprint (a later edit of the
+    output is seen)."""
+    write_atomic(job_path(output), json.dumps({**job, "output": input_fingerprint(output)}, indent=1) + "\n")
+
+
+RESUME_ONLY = ("world", "chunk_rows")  # how a job is split over ranks and chunks, not what its output holds
+_WHAT = {"version": "output format version", "input": "input content", "input_path": "input file",
+         "labels": "label set", "prompt": "prompt format", "keep_fields": "data.keep_fields",
+         "model": "model or model settings"}
+
+
+def _shown(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def count_rows(path: str) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            n += block.count(b"\n")
+    return n
+
+
+def plan_output(output: str, expect: dict[str, Any], input_path: str, world: int,
+                overwrite: bool) -> tuple[str, Optional[str]]:
+    """What to do about `output` before labeling (nothing is written here):
+    ("done", line): it holds this very job's finished labels (same input file and content, labels, prompt, kept
+    fields, model; the output unchanged since): label nothing;
+    ("label", note or None): label; the note says what an existing output is replaced for;
+    a DataError: it holds another input's labels, or is a file predict did not write, and data.overwrite is off."""
+    if not os.path.exists(output) or finished_earlier(output, world, expect):
+        return "label", None  # (finished earlier: the writer completes it without labeling)
+    job = {"input_path": os.path.realpath(input_path), **expect}
+    side = read_job(output)
+    if side is not None:
+        differ = [k for k in job if k not in RESUME_ONLY and side.get(k) != job[k]]
+        if not differ and side.get("output") == input_fingerprint(output):
+            return "done", (f"{output}: already labeled ({count_rows(output)} rows of {input_path}, same labels, "
+                            "prompt and model); nothing to do (delete it to label again)")
+        if side.get("input_path") == job["input_path"] or side.get("input") == job["input"]:
+            if not differ:
+                return "label", f"{output}: changed since it was labeled; labeling it again"
+            return "label", (f"{output}: labeled before with another {' and '.join(_WHAT.get(k, k) for k in differ)}; "
+                             "labeling it again (the new labels replace it when done)")
+    todo = "set data.predict_output to another file, or data.overwrite true to replace it"
+    other = _shown(side["input_path"]) if side is not None and side.get("input_path") else None
+    if overwrite:
+        return "label", f"{output}: replacing the labels of {other or 'a file predict did not write'} (data.overwrite)"
+    if other is None:
+        raise DataError(f"{output}: exists and was not written by predict (no {job_path(output)} beside it); {todo}")
+    raise DataError(f"{output}: holds the labels of {other}, not of {input_path}; {todo}")
 
 
 def part_path(output: str, rank: int) -> Path:
@@ -193,9 +290,12 @@ class PredictionWriter(BasePredictionWriter):
     """Writes one JSON line per input row, in input order: id, the kept input fields (data.keep_fields), label,
     probabilities, gold (when known)."""
 
-    def __init__(self, output: str, labels: Sequence[str], expect: dict[str, Any]) -> None:
+    def __init__(self, output: str, labels: Sequence[str], expect: dict[str, Any],
+                 input_path: Optional[str] = None) -> None:
         super().__init__(write_interval="batch")
         self.output, self.labels, self.expect = output, list(labels), expect
+        # what the finished output's job record says (write_job)
+        self.job = {"input_path": os.path.realpath(input_path) if input_path else None, **expect}
         self.pending: dict[int, dict[str, Any]] = {}  # chunk -> {"size", "rows": {index: line}}
         self.report: Optional[dict[str, Any]] = None  # counts and metrics of the finished output (rank 0)
         self.done_before = False  # an earlier run of this job completed the output (see finished_earlier)
@@ -298,17 +398,18 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         if self.rank == 0:
             if self.done_before:
+                write_job(self.output, self.job)
                 _remove_progress(self.output, self.world)
             else:
-                finish_output(self.output, self.world, self.expect["chunk_rows"])
+                finish_output(self.output, self.world, self.expect["chunk_rows"], self.job)
             self.report = prediction_report(self.output, self.labels)
             _announce(self.output, self.report, self.speed)
         trainer.strategy.barrier()
 
 
-def finish_output(output: str, world: int, chunk_rows: int) -> None:
+def finish_output(output: str, world: int, chunk_rows: int, job: Optional[dict[str, Any]] = None) -> None:
     """Turn the rank part files into the output: chunk c (`chunk_size` rows) sits in part c % world; rename when
-    world is 1."""
+    world is 1. Then the job record (`job`, when given) and, last, the removal of the progress files."""
     parts = [part_path(output, r) for r in range(world)]
     if world == 1:
         os.replace(parts[0], output)
@@ -327,6 +428,8 @@ def finish_output(output: str, world: int, chunk_rows: int) -> None:
             f.close()
         for p in parts:
             p.unlink()
+    if job is not None:
+        write_job(output, job)
     _remove_progress(output, world)  # a kill before this line leaves a state finished_earlier() recognises
 
 
@@ -409,8 +512,11 @@ def _announce(output: str, report: dict[str, Any], speed: Optional[dict[str, flo
         line += ")"
     if report["unparsed"]:
         line += f"; {report['unparsed']} generated answers named no single label (label null)"
-    if "accuracy" in report:
-        stem = Path(output).name.removesuffix(".jsonl")
+    stem = Path(output).name.removesuffix(".jsonl")
+    if "accuracy" not in report:  # metrics left beside the output by an earlier job describe labels no longer there
+        for p in (f"{stem}.metrics.json", f"{stem}.metrics.md", f"{stem}.metrics_confusion.png"):
+            (Path(output).parent / p).unlink(missing_ok=True)
+    else:
         paths = write_report(report, str(Path(output).parent), stem=f"{stem}.metrics", title=f"Labels of {output}")
         line += (f"; against the {report['support']} gold labels: accuracy {report['accuracy']:.4f}, macro-F1 "
                  f"{report['f1_macro']:.4f}, weighted-F1 {report['f1_weighted']:.4f} -> {paths[1]}")

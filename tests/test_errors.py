@@ -232,6 +232,10 @@ CASES = [
     ("predict-kept-field-named-like-an-output-key", {"in.jsonl": b'{"text": "a", "label": "neutral"}\n'},
      PREDICT + ["--data.predict_path", "in.jsonl", "--data.keep_fields", "[label]"],
      ["data.keep_fields: 'label' is a key predict writes itself", "gold"]),
+    ("predict-output-not-written-by-predict", {"in.txt": b"Shares rose.\n", "notes.jsonl": b'{"my": "notes"}\n'},
+     PREDICT + ["--data.predict_path", "in.txt", "--data.predict_output", "notes.jsonl"],
+     ["notes.jsonl: exists and was not written by predict (no notes.jsonl.job.json beside it)",
+      "set data.predict_output to another file, or data.overwrite true to replace it"]),
     ("validate-nothing-to-validate", {}, ["validate", "--config", "configs/smoke.yaml", *QUIET,
                                           "--data.val_fraction", "0"], ["nothing to validate", "set data.val_path"]),
 ]

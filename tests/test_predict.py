@@ -82,7 +82,8 @@ def test_every_input_format_gives_the_same_labels_in_input_order(tmp_path, train
             assert abs(sum(r["probs"].values()) - 1) < 1e-4 and r["label"] == max(r["probs"], key=r["probs"].get)
             assert (r.get("gold") == src["output"]) if has_gold else "gold" not in r
         outs[name] = out
-        assert not list(tmp_path.glob(f"{name}.out.jsonl.*")), "part or progress files left behind"
+        # no part or progress file left behind; the job record stays (it says which input the output belongs to)
+        assert [p.name for p in tmp_path.glob(f"{name}.out.jsonl.*")] == [f"{name}.out.jsonl.job.json"]
     # Same texts, same prompts: every format must give the same probabilities row by row.
     ref = outs["jsonl-train-schema"]
     for name, out in outs.items():
@@ -417,9 +418,9 @@ def test_a_kill_after_the_output_is_in_place_does_not_relabel(tmp_path, trained,
     out = tmp_path / "in.labels.jsonl"
     real = P.finish_output
 
-    def killed_after_replace(output, world, chunk_rows):  # the output lands, then the process "dies"
+    def killed_after_replace(output, world, chunk_rows, job=None):  # the output lands, then the process "dies"
         saved = {q: q.read_bytes() for q in Path(output).parent.glob("*.part*.json")}
-        real(output, world, chunk_rows)
+        real(output, world, chunk_rows, job)
         for q, data in saved.items():
             q.write_bytes(data)
 
@@ -438,6 +439,7 @@ def test_a_kill_after_the_output_is_in_place_does_not_relabel(tmp_path, trained,
     # the same leftover state, but the output was changed since: not a finished job, so it is labeled again
     monkeypatch.undo()  # the real scoring again
     monkeypatch.setattr(P, "finish_output", killed_after_replace)
+    out.unlink()  # (else the job is done: this run would label nothing and leave no progress files)
     _predict(inp, out, ckpt=adapter)
     out.write_bytes(done[:-10])
     monkeypatch.setattr(P, "finish_output", real)
@@ -581,3 +583,153 @@ def test_kept_input_fields_come_through_to_every_output_row(tmp_path, trained):
     assert all(lines[int(r["id"]) - 1] == r["text"] for r in out)  # the user's join
     plain = _predict(txt, tmp_path / "txt.plain.jsonl", ckpt=adapter)  # nothing asked: no extra keys
     assert [set(r) for r in plain] == [{"id", "label", "probs"}] * 3
+
+
+def _cli_predict(inp, *extra, ckpt=None):
+    """predict with the output left to its default (predictions/ in the working folder) unless extra sets it."""
+    args = ["predict", "--config", str(ROOT / "configs/smoke.yaml"), "--data.predict_path", str(inp),
+            "--data.predict_chunk_rows", "7", "--data.eval_batch_size", "3", *QUIET, *extra]
+    cli_main(args + (["--ckpt_path", str(ckpt)] if ckpt else []))
+
+
+def _read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _no_model(monkeypatch):
+    """Any labeling from here on fails the test: the model must not even be loaded."""
+    from finllm_pl.module import FinLLM
+
+    monkeypatch.setattr(FinLLM, "configure_model",
+                        lambda self: (_ for _ in ()).throw(AssertionError("the model was loaded: relabeled")))
+
+
+def _err_lines(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_default_outputs_keep_the_input_extension_so_they_never_collide(tmp_path, monkeypatch):
+    """my.txt and my.csv get predictions/my.txt.labels.jsonl and predictions/my.csv.labels.jsonl, each with a job
+    record (<output>.job.json) naming the input it belongs to."""
+    from finllm_pl.predict import input_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    rows = _rows(7)
+    (tmp_path / "my.txt").write_text("".join(r["input"] + "\n" for r in rows[:3]))
+    with open(tmp_path / "my.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows([[r["input"], r["output"]] for r in rows[3:]])
+    _cli_predict("my.txt")
+    _cli_predict("my.csv")
+    txt, csv_out = tmp_path / "predictions/my.txt.labels.jsonl", tmp_path / "predictions/my.csv.labels.jsonl"
+    assert [r["id"] for r in _read(txt)] == ["1", "2", "3"] and "gold" not in _read(txt)[0]
+    assert [(r["id"], r["gold"]) for r in _read(csv_out)] == [(str(i + 2), r["output"]) for i, r in enumerate(rows[3:])]
+    assert (tmp_path / "predictions/my.csv.labels.metrics.json").exists()
+    for out, name in ((txt, "my.txt"), (csv_out, "my.csv")):
+        job = json.loads(Path(f"{out}.job.json").read_text())
+        assert job["input_path"] == str((tmp_path / name).resolve())
+        assert job["input"] == input_fingerprint(name) and job["labels"] == ["negative", "neutral", "positive"]
+        assert job["prompt"] and job["model"] and job["keep_fields"] == []
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == [
+        "my.csv.labels.jsonl", "my.csv.labels.jsonl.job.json", "my.csv.labels.metrics.json",
+        "my.csv.labels.metrics.md", "my.csv.labels.metrics_confusion.png", "my.txt.labels.jsonl",
+        "my.txt.labels.jsonl.job.json"]
+
+
+def test_rerunning_a_finished_job_says_it_is_done_and_touches_nothing(tmp_path, trained, monkeypatch, capsys):
+    _, adapter, _ = trained
+    inp = tmp_path / "gold.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _rows(9)))
+    out = tmp_path / "gold.out.jsonl"
+    _predict(inp, out, ckpt=adapter)
+    written = sorted(tmp_path.glob("gold.out.*"))
+    assert len(written) == 5  # output, job record, metrics json / md / png
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in written}
+    capsys.readouterr()
+    _no_model(monkeypatch)
+    _predict(inp, out, ckpt=adapter)  # returns normally: exit status 0
+    lines = _err_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"{out}: already labeled (9 rows of {inp}") and \
+        "nothing to do" in lines[0], lines
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(tmp_path.glob("gold.out.*"))} == before
+
+
+def test_an_output_of_another_input_is_refused_unless_overwrite_is_set(tmp_path, trained, monkeypatch, capsys):
+    _, adapter, _ = trained
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.txt"
+    a.write_text("".join(json.dumps(r) + "\n" for r in _rows(5)))
+    b.write_text("".join(r["input"] + "\n" for r in _rows(8)[5:]))
+    out = tmp_path / "out.jsonl"
+    _predict(a, out, ckpt=adapter)
+    assert (tmp_path / "out.metrics.json").exists()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _predict(b, out, ckpt=adapter)
+    assert e.value.code == 2
+    err = [line for line in _err_lines(capsys) if "Traceback" in line or line.startswith("error:")]
+    assert err == [f"error: {out}: holds the labels of {a}, not of {b}; set data.predict_output to another file, "
+                   "or data.overwrite true to replace it"], err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing replaced
+    rows = _predict(b, out, "--data.overwrite", "true", ckpt=adapter)
+    assert [r["id"] for r in rows] == ["1", "2", "3"] and "gold" not in rows[0]
+    assert json.loads((tmp_path / "out.jsonl.job.json").read_text())["input_path"] == str(b.resolve())
+    # a.jsonl's metrics described a.jsonl's labels: they are gone with them
+    assert not list(tmp_path.glob("out.metrics*"))
+
+
+def test_the_same_input_is_labeled_again_when_its_model_or_its_content_changed(tmp_path, trained, monkeypatch,
+                                                                              capsys):
+    """Done means: the same input file and content, labels, prompt, kept fields and model (settings, checkpoint
+    or adapter files, precision). Another model or an edited input labels again and replaces the output."""
+    _, adapter, _ = trained
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(6)))
+    out = tmp_path / "in.out.jsonl"
+    base = _predict(inp, out)
+    capsys.readouterr()
+    tuned = _predict(inp, out, ckpt=adapter)
+    assert max(abs(x["probs"][k] - y["probs"][k]) for x, y in zip(base, tuned) for k in x["probs"]) > 1e-3
+    assert f"{out}: labeled before with another model or model settings; labeling it again" in capsys.readouterr().err
+    kept = _predict(inp, out, "--data.keep_fields", "[text]", ckpt=adapter)  # other fields asked: a new output
+    assert [r["text"] for r in kept] == [r["input"] for r in _rows(6)]
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(8)))  # the file was edited
+    assert len(_predict(inp, out, "--data.keep_fields", "[text]", ckpt=adapter)) == 8
+    assert "labeled before with another input content" in capsys.readouterr().err
+    _no_model(monkeypatch)
+    assert len(_predict(inp, out, "--data.keep_fields", "[text]", ckpt=adapter)) == 8  # and now it is done
+    assert "already labeled (8 rows" in capsys.readouterr().err
+
+
+def test_a_kill_before_the_job_record_is_written_does_not_relabel(tmp_path, trained, monkeypatch, capsys):
+    """Killed right after the output was put in place, before its job record was written: the same command
+    labels nothing again, writes the record and cleans up; the next run says it is done."""
+    from finllm_pl import predict as P
+
+    _, adapter, _ = trained
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _rows(10)))
+    out = tmp_path / "in.out.jsonl"
+
+    class Killed(BaseException):
+        pass
+
+    monkeypatch.setattr(P, "write_job", lambda *a: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        _predict(inp, out, ckpt=adapter)
+    assert out.exists() and not Path(f"{out}.job.json").exists() and list(tmp_path.glob("*.part0.json"))
+    first = out.read_bytes()
+    monkeypatch.undo()
+    from finllm_pl.module import FinLLM
+
+    monkeypatch.setattr(FinLLM, "_score", lambda self, batch: (_ for _ in ()).throw(AssertionError("relabeled")))
+    capsys.readouterr()
+    _predict(inp, out, ckpt=adapter)  # (the model loads, as after any kill: the data yields nothing to label)
+    assert "labeled 10 rows" in capsys.readouterr().err
+    assert out.read_bytes() == first and Path(f"{out}.job.json").exists() and not list(tmp_path.glob("*.part*"))
+    _no_model(monkeypatch)
+    _predict(inp, out, ckpt=adapter)
+    assert "already labeled (10 rows" in capsys.readouterr().err
+
