@@ -25,7 +25,6 @@ from .callbacks import (AdapterExport, AtomicCheckpointIO, StepCheckpoint, Valid
 from .data import InstructionDataModule
 from .errors import ConfigError, FinLLMError, ModelError
 from .module import FinLLM
-from .records import iter_rows
 
 SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 
@@ -147,7 +146,7 @@ class FinLLMCLI(LightningCLI):
         self._check_prompt_format()
 
     def before_predict(self) -> None:
-        from .predict import PredictionWriter, model_identity, plan_output
+        from .predict import PredictionWriter, check_input, model_identity, plan_output
 
         self._check_prompt_format()
         self.config_init["predict"]["return_predictions"] = False  # rows go to the file; memory stays bounded
@@ -162,12 +161,10 @@ class FinLLMCLI(LightningCLI):
         self._predict_done = action == "done"
         if self._predict_done:
             return
-        # Every row is read (and checked) once before any is labeled: a bad row at line 900,000 stops the job now,
-        # with nothing written, instead of hours later beside a half-labeled output.
-        for _ in iter_rows(hp.predict_path, instruction=hp.instruction, need_output=False, text_column=hp.text_column,
-                           keep_fields=expect["keep_fields"]):
-            pass
-        self.trainer.callbacks.append(PredictionWriter(output, hp.labels, expect, input_path=hp.predict_path))
+        # Every row is read (and checked) once before any is labeled (and the first gold label outside the set found)
+        outside_at = check_input(hp.predict_path, hp.instruction, hp.text_column, expect["keep_fields"], hp.labels)
+        self.trainer.callbacks.append(PredictionWriter(output, hp.labels, expect, input_path=hp.predict_path,
+                                                       outside_at=outside_at))
 
     def predict(self, **kwargs) -> None:  # (LightningCLI runs this for `predict`, in place of trainer.predict)
         if not getattr(self, "_predict_done", False):

@@ -177,6 +177,19 @@ def plan_output(output: str, expect: dict[str, Any], input_path: str, world: int
     raise DataError(f"{output}: holds the labels of {other}, not of {input_path}; {todo}")
 
 
+def check_input(path: str, instruction: str, text_column: str, keep_fields: Sequence[str],
+                labels: Sequence[str]) -> Optional[int]:
+    """Read (and check) every row once before any is labeled: a bad row at line 900,000 stops the job now, with
+    nothing written, instead of hours later beside a half-labeled output. Returns the line of the first gold label
+    that is not in `labels` (such rows are left out of the metrics; the summary line says so), or None."""
+    first = None
+    for row in iter_rows(path, instruction=instruction, need_output=False, text_column=text_column,
+                         keep_fields=keep_fields):
+        if first is None and row.output is not None and row.output not in labels:
+            first = row.line
+    return first
+
+
 def part_path(output: str, rank: int) -> Path:
     return Path(f"{output}.part{rank}")
 
@@ -291,11 +304,12 @@ class PredictionWriter(BasePredictionWriter):
     probabilities, gold (when known)."""
 
     def __init__(self, output: str, labels: Sequence[str], expect: dict[str, Any],
-                 input_path: Optional[str] = None) -> None:
+                 input_path: Optional[str] = None, outside_at: Optional[int] = None) -> None:
         super().__init__(write_interval="batch")
         self.output, self.labels, self.expect = output, list(labels), expect
         # what the finished output's job record says (write_job)
         self.job = {"input_path": os.path.realpath(input_path) if input_path else None, **expect}
+        self.outside_at = outside_at  # the input line of the first gold label not in `labels` (check_input)
         self.pending: dict[int, dict[str, Any]] = {}  # chunk -> {"size", "rows": {index: line}}
         self.report: Optional[dict[str, Any]] = None  # counts and metrics of the finished output (rank 0)
         self.done_before = False  # an earlier run of this job completed the output (see finished_earlier)
@@ -403,7 +417,7 @@ class PredictionWriter(BasePredictionWriter):
             else:
                 finish_output(self.output, self.world, self.expect["chunk_rows"], self.job)
             self.report = prediction_report(self.output, self.labels)
-            _announce(self.output, self.report, self.speed)
+            _announce(self.output, self.report, self.speed, self.outside_at, self.labels)
         trainer.strategy.barrier()
 
 
@@ -500,8 +514,10 @@ def prediction_report(output: str, labels: Sequence[str], block: int = 65536) ->
     return {"output": output, **counts, **report}
 
 
-def _announce(output: str, report: dict[str, Any], speed: Optional[dict[str, float]] = None) -> None:
-    """One line on stderr; with gold labels, the metrics as JSON + Markdown + PNG beside the output."""
+def _announce(output: str, report: dict[str, Any], speed: Optional[dict[str, float]] = None,
+              outside_at: Optional[int] = None, labels: Sequence[str] = ()) -> None:
+    """One line on stderr; with gold labels, the metrics as JSON + Markdown + PNG beside the output. Gold labels
+    outside the label set are said there too (count, first line): they are left out of the metrics."""
     from .metrics import write_report
 
     line = f"labeled {report['rows']} rows -> {output}"
@@ -512,6 +528,12 @@ def _announce(output: str, report: dict[str, Any], speed: Optional[dict[str, flo
         line += ")"
     if report["unparsed"]:
         line += f"; {report['unparsed']} generated answers named no single label (label null)"
+    if report["gold_outside_labels"]:
+        n = report["gold_outside_labels"]
+        line += (f"; {n} gold label{' is' if n == 1 else 's are'} not in {'/'.join(labels)}"
+                 + (f" (first at line {outside_at})" if outside_at is not None else "")
+                 + (": those rows are left out of the metrics" if "accuracy" in report
+                    else ": no metrics are written (set data.labels to the file's labels)"))
     stem = Path(output).name.removesuffix(".jsonl")
     if "accuracy" not in report:  # metrics left beside the output by an earlier job describe labels no longer there
         for p in (f"{stem}.metrics.json", f"{stem}.metrics.md", f"{stem}.metrics_confusion.png"):

@@ -733,3 +733,28 @@ def test_a_kill_before_the_job_record_is_written_does_not_relabel(tmp_path, trai
     _predict(inp, out, ckpt=adapter)
     assert "already labeled (10 rows" in capsys.readouterr().err
 
+
+def test_gold_labels_outside_the_label_set_are_counted_in_the_summary_line(tmp_path, trained, capsys):
+    """Gold labels that are not in data.labels are left out of the metrics: the summary line says how many and the
+    first line, instead of a counter only metrics.json shows."""
+    _, adapter, _ = trained
+    rows = _rows(20)
+    for i in (16, 17, 19):  # lines 17, 18 and 20
+        rows[i] = {**rows[i], "output": "bullish"}
+    inp = tmp_path / "gold.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    out = _predict(inp, tmp_path / "gold.out.jsonl", ckpt=adapter)
+    err = capsys.readouterr().err
+    assert "; 3 gold labels are not in negative/neutral/positive (first at line 17): those rows are left out of " \
+           "the metrics" in err, err
+    assert sum(r["gold"] == "bullish" for r in out) == 3
+    assert json.loads((tmp_path / "gold.out.metrics.json").read_text())["support"] == 17
+
+    one = tmp_path / "one.jsonl"  # none in the label set: no metrics at all, and the line says so
+    one.write_text("\n" + json.dumps({"text": rows[0]["input"], "label": "bearish"}) + "\n")
+    _predict(one, tmp_path / "one.out.jsonl", ckpt=adapter)
+    err = capsys.readouterr().err
+    assert "; 1 gold label is not in negative/neutral/positive (first at line 2): no metrics are written (set " \
+           "data.labels to the file's labels)" in err, err
+    assert not list(tmp_path.glob("one.out.metrics*"))
