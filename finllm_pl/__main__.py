@@ -146,7 +146,7 @@ class FinLLMCLI(LightningCLI):
         self._check_prompt_format()
 
     def before_predict(self) -> None:
-        from .predict import PredictionWriter, check_input, model_identity, plan_output
+        from .predict import PredictionWriter, check_input, check_output_path, model_identity, plan_output
 
         self._check_prompt_format()
         self.config_init["predict"]["return_predictions"] = False  # rows go to the file; memory stays bounded
@@ -154,6 +154,7 @@ class FinLLMCLI(LightningCLI):
                                                        self.trainer.precision)
         output, expect = self.datamodule.predict_job()
         hp = self.datamodule.hparams
+        check_output_path(output, probe=False)  # (a folder, or no folder to put it in)
         # A finished output of this same job: nothing to do. Another input's output: replaced only with data.overwrite.
         action, line = plan_output(output, expect, hp.predict_path, self.trainer.world_size, hp.overwrite)
         if line and self.trainer.global_rank == 0:
@@ -161,6 +162,7 @@ class FinLLMCLI(LightningCLI):
         self._predict_done = action == "done"
         if self._predict_done:
             return
+        check_output_path(output)  # writable: now, not after the model has loaded
         # Every row is read (and checked) once before any is labeled (and the first gold label outside the set found)
         outside_at = check_input(hp.predict_path, hp.instruction, hp.text_column, expect["keep_fields"], hp.labels)
         self.trainer.callbacks.append(PredictionWriter(output, hp.labels, expect, input_path=hp.predict_path,

@@ -579,6 +579,8 @@ class InstructionDataModule(L.LightningDataModule):
         hp = self.hparams
         if not hp.predict_path:
             raise DataError("data.predict_path is not set; give the file to label")
+        if os.path.isdir(hp.predict_path):
+            raise DataError(f"{hp.predict_path}: is a folder, not a file; give the file to label (data.predict_path)")
         if not os.path.isfile(hp.predict_path):
             raise DataError(f"{hp.predict_path}: no such file; check data.predict_path")
         # the default folder is ours to create; a folder the user named must exist

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -105,9 +106,38 @@ def model_identity(hparams: dict[str, Any], ckpt_path: Optional[str], precision:
 
 def default_output(predict_path: str) -> str:
     """predictions/<input file name>.labels.jsonl: the input's extension stays in the name, so my.txt and my.csv
-    never share an output."""
-    os.makedirs("predictions", exist_ok=True)
-    return os.path.join("predictions", Path(predict_path).name + ".labels.jsonl")
+    never share an output. The folder is made here (a DataError when it cannot be)."""
+    folder = "predictions"
+    todo = "set data.predict_output to a file in a folder you can write to"
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DataError(f"data.predict_output is unset and its default folder {folder} is a file; {todo}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"data.predict_output is unset and its default folder {folder} cannot be made here "
+                        f"({e.strerror}); {todo}") from None
+    return os.path.join(folder, Path(predict_path).name + ".labels.jsonl")
+
+
+def check_output_path(output: str, probe: bool = True) -> None:
+    """A DataError (one line, naming data.predict_output) unless `output` can be written: its folder exists and
+    (probe) takes a new file, tried for real: permission bits do not tell (root, read-only mounts, /sys)."""
+    key, shown = "data.predict_output", os.path.dirname(output) or "."
+    folder = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise DataError(f"{key}={output}: is a folder; set {key} to a file path")
+    if not os.path.exists(folder):
+        raise DataError(f"{key}={output}: folder {shown} does not exist; create it or set {key}")
+    if not os.path.isdir(folder):
+        raise DataError(f"{key}={output}: {shown} is a file, not a folder; set {key} to a file in a folder")
+    if probe:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=folder)
+        except OSError as e:
+            raise DataError(f"{key}={output}: folder {shown} is not writable ({e.strerror}); set {key} elsewhere "
+                            "(a file in a folder you can write to)") from None
+        os.close(fd)
+        os.unlink(tmp)
 
 
 def job_path(output: str) -> Path:
@@ -318,13 +348,7 @@ class PredictionWriter(BasePredictionWriter):
         self.in_flight = None  # the last batch's (prediction, chunk): written when the next one is under way
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        out_dir = os.path.dirname(os.path.abspath(self.output))
-        if not os.path.isdir(out_dir):
-            raise DataError(f"{self.output}: folder {out_dir} does not exist; create it or set data.predict_output")
-        if not os.access(out_dir, os.W_OK):
-            raise DataError(f"{self.output}: folder {out_dir} is not writable; set data.predict_output elsewhere")
-        if os.path.isdir(self.output):
-            raise DataError(f"{self.output}: is a folder; set data.predict_output to a file path")
+        check_output_path(self.output)  # (the CLI checked it before loading anything; this is for direct use)
         self.rank, self.world = trainer.global_rank, trainer.world_size
         self.t0, self.labeled, self.in_flight = time.perf_counter(), 0, None
         # Lightning fetches the first batch of a stream before this hook: the wait for it (reading and tokenizing
