@@ -758,3 +758,44 @@ def test_gold_labels_outside_the_label_set_are_counted_in_the_summary_line(tmp_p
     assert "; 1 gold label is not in negative/neutral/positive (first at line 2): no metrics are written (set " \
            "data.labels to the file's labels)" in err, err
     assert not list(tmp_path.glob("one.out.metrics*"))
+
+
+def test_every_file_predict_writes_has_the_modes_a_plain_open_gives(tmp_path, trained):
+    """labels, job record, metrics json / md / png (and a merged multi-rank output) get the modes the umask gives
+    a plain open(), like any file the user makes: not 0600 from a temp file."""
+    import os
+    import stat
+
+    from finllm_pl.predict import finish_output
+
+    _, adapter, _ = trained
+    old = os.umask(0o002)  # (not the usual 022: a mode hard-coded to 0644 would not pass either)
+    try:
+        plain = tmp_path / "plain"
+        open(plain, "w").close()
+        want = stat.S_IMODE(plain.stat().st_mode)
+        inp = tmp_path / "gold.jsonl"
+        inp.write_text("".join(json.dumps(r) + "\n" for r in _rows(6)))
+        _predict(inp, tmp_path / "gold.out.jsonl", ckpt=adapter)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob("gold.out*")}
+        assert set(modes) == {"gold.out.jsonl", "gold.out.jsonl.job.json", "gold.out.metrics.json",
+                              "gold.out.metrics.md", "gold.out.metrics_confusion.png"}
+        merged = tmp_path / "merged.jsonl"  # two ranks' parts merged into the output
+        for r in range(2):
+            part_path(str(merged), r).write_text(f'{{"id": "{r}"}}\n')
+            Path(f"{part_path(str(merged), r)}.json").write_text("{}")
+        finish_output(str(merged), 2, 1, {"input_path": None})
+        modes.update({p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob("merged.jsonl*")})
+        assert len(modes) == 7 and modes == dict.fromkeys(modes, want), (oct(want), {k: oct(v) for k, v in modes.items()})
+    finally:
+        os.umask(old)
+
+
+def test_the_readme_names_the_files_predict_writes():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Output layout"):]
+    assert "predictions/<input file>.labels.jsonl " in layout
+    assert "predictions/<input file>.labels.jsonl.job.json" in layout
+    assert "predictions/<input file>.labels.metrics.{json,md}" in layout
+    assert "predictions/<input file>.labels.metrics_confusion.png" in layout
+    assert ".metrics.{json,md,png}" not in readme  # (the image is .metrics_confusion.png)
