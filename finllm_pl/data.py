@@ -592,7 +592,7 @@ class InstructionDataModule(L.LightningDataModule):
         return output, expect
 
     def _predict_stream(self):
-        from .predict import PredictStream, check_keep_fields, finished_earlier, load_progress
+        from .predict import PredictStream, finished_earlier, load_progress
 
         hp = self.hparams
         output, expect = self.predict_job()
@@ -602,7 +602,7 @@ class InstructionDataModule(L.LightningDataModule):
         return PredictStream(hp.predict_path, self.build_formatter(), self.label_ids, hp.instruction, hp.text_column,
                              hp.eval_batch_size, hp.predict_chunk_rows, hp.max_length, hp.labels,
                              max_tokens=hp.eval_batch_tokens, rank=rank, world_size=world, start_chunk=start,
-                             keep_fields=check_keep_fields(hp.keep_fields))
+                             keep_fields=expect["keep_fields"])
 
     def _predict_loader(self, stream) -> DataLoader:
         from .predict import PredictLoader

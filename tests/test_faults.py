@@ -502,7 +502,8 @@ def _label_under_kills(ws: Path, n: int, kills: int, chunk_rows: int, seed: int,
             progress_at_kill.append(prog["rows"] if prog else 0)
         else:
             assert child.rc == 0, child.tail()
-    leftovers = sorted(p.name for p in (ws / "out").iterdir() if p.name not in ("labels.jsonl", "labels.jsonl.job.json"))
+    kept = ("labels.jsonl", "labels.jsonl.job.json")  # the output and its job record
+    leftovers = sorted(p.name for p in (ws / "out").iterdir() if p.name not in kept)
     assert not leftovers, f"part/temp files left: {leftovers}"
     assert (ws / "out" / "labels.jsonl.job.json").exists(), "the finished output has no job record"
     check = _check_output(ws / "out" / "labels.jsonl", n)

@@ -564,6 +564,11 @@ def test_kept_input_fields_come_through_to_every_output_row(tmp_path, trained):
     assert [{k: r[k] for k in ("date", "ticker", "text")} for r in out] == \
         [{"date": r["date"], "ticker": r["ticker"], "text": r["text"]} for r in recs]
     assert all(r["label"] in ("negative", "neutral", "positive") for r in out)
+    # read and tokenized by worker processes (the fields travel with their batches), chunks of 2 rows: the same rows
+    workers = _predict(src, tmp_path / "news.workers.jsonl", "--data.keep_fields", "[id, date, ticker, text]",
+                       "--data.num_workers", "2", "--data.predict_chunk_rows", "2", ckpt=adapter)
+    assert [{k: v for k, v in r.items() if k != "probs"} for r in workers] == \
+        [{k: v for k, v in r.items() if k != "probs"} for r in out]
 
     csv_src = tmp_path / "news.csv"
     with open(csv_src, "w", newline="") as f:
@@ -786,7 +791,8 @@ def test_every_file_predict_writes_has_the_modes_a_plain_open_gives(tmp_path, tr
             Path(f"{part_path(str(merged), r)}.json").write_text("{}")
         finish_output(str(merged), 2, 1, {"input_path": None})
         modes.update({p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob("merged.jsonl*")})
-        assert len(modes) == 7 and modes == dict.fromkeys(modes, want), (oct(want), {k: oct(v) for k, v in modes.items()})
+        assert len(modes) == 7 and modes == dict.fromkeys(modes, want), \
+            (oct(want), {k: oct(v) for k, v in modes.items()})
     finally:
         os.umask(old)
 

@@ -36,7 +36,7 @@ def test_nothing_there_or_nothing_recorded(tmp_path, inp):
     assert plan_output(str(tmp_path / "out.jsonl"), _job(inp), str(inp), 1, False) == ("label", None)
     mine = tmp_path / "mine.jsonl"
     mine.write_text("{}\n")
-    with pytest.raises(DataError, match=r"mine.jsonl: exists and was not written by predict \(no .*mine.jsonl.job.json"):
+    with pytest.raises(DataError, match=r"mine.jsonl: exists and was not written by predict \(no .*mine.jsonl.job"):
         plan_output(str(mine), _job(inp), str(inp), 1, False)
     action, note = plan_output(str(mine), _job(inp), str(inp), 1, True)
     assert action == "label" and "replacing the labels of a file predict did not write (data.overwrite)" in note
