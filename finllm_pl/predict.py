@@ -42,9 +42,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset
 
 from .data import budget_batches, collate_prompts
+from .errors import ConfigError
 from .files import atomic_file, fsync_dir, write_atomic
 from .prompts import PromptFormatter
-from .errors import ConfigError
 from .records import DataError, iter_rows
 
 PROGRESS_VERSION = 4  # 2: growing chunks (chunk_size); 3: from 256 rows; 4: ids are line numbers
