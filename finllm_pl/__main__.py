@@ -25,7 +25,6 @@ from .callbacks import (AdapterExport, AtomicCheckpointIO, StepCheckpoint, Valid
 from .data import InstructionDataModule
 from .errors import ConfigError, FinLLMError, ModelError
 from .module import FinLLM
-from .records import iter_rows
 
 SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 
@@ -146,17 +145,31 @@ class FinLLMCLI(LightningCLI):
         self._check_prompt_format()
 
     def before_predict(self) -> None:
-        from .predict import PredictionWriter
+        from .predict import PredictionWriter, check_input, check_output_path, model_identity, plan_output
 
         self._check_prompt_format()
         self.config_init["predict"]["return_predictions"] = False  # rows go to the file; memory stays bounded
+        self.datamodule.predict_model = model_identity(self.model.hparams, self.config_init["predict"].get("ckpt_path"),
+                                                       self.trainer.precision)
         output, expect = self.datamodule.predict_job()
         hp = self.datamodule.hparams
-        # Every row is read (and checked) once before any is labeled: a bad row at line 900,000 stops the job now,
-        # with nothing written, instead of hours later beside a half-labeled output.
-        for _ in iter_rows(hp.predict_path, instruction=hp.instruction, need_output=False, text_column=hp.text_column):
-            pass
-        self.trainer.callbacks.append(PredictionWriter(output, self.datamodule.hparams.labels, expect))
+        check_output_path(output, probe=False)  # (a folder, or no folder to put it in)
+        # A finished output of this same job: nothing to do. Another input's output: replaced only with data.overwrite.
+        action, line = plan_output(output, expect, hp.predict_path, self.trainer.world_size, hp.overwrite)
+        if line and self.trainer.global_rank == 0:
+            print(line, file=sys.stderr)
+        self._predict_done = action == "done"
+        if self._predict_done:
+            return
+        check_output_path(output)  # writable: now, not after the model has loaded
+        # Every row is read (and checked) once before any is labeled (and the first gold label outside the set found)
+        outside_at = check_input(hp.predict_path, hp.instruction, hp.text_column, expect["keep_fields"], hp.labels)
+        self.trainer.callbacks.append(PredictionWriter(output, hp.labels, expect, input_path=hp.predict_path,
+                                                       outside_at=outside_at))
+
+    def predict(self, **kwargs) -> None:  # (LightningCLI runs this for `predict`, in place of trainer.predict)
+        if not getattr(self, "_predict_done", False):
+            self.trainer.predict(**kwargs)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -328,6 +328,8 @@ class InstructionDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         predict_path: Optional[str] = None,
         predict_output: Optional[str] = None,
+        keep_fields: Optional[list[str]] = None,
+        overwrite: bool = False,
         tokenizer: str = "builtin:tiny-deepseek",
         trust_remote_code: bool = False,
         prompt_style: PromptStyle = "auto",
@@ -354,7 +356,10 @@ class InstructionDataModule(L.LightningDataModule):
             val_path: validation file; when unset, a seeded stratified `val_fraction` of train_path is held out.
             val_fraction: fraction of train_path held out for validation when val_path is unset (0 = none).
             predict_path: file to label with `predict` (JSONL, CSV with `text_column`, or plain text lines).
-            predict_output: where `predict` writes its JSONL (default: predictions/<input stem>.labels.jsonl).
+            predict_output: where `predict` writes its JSONL (default: predictions/<input file name>.labels.jsonl).
+            keep_fields: input fields copied into each predict output row (JSONL keys or CSV columns; `text` is the
+                input text in every format, and the only field of plain-text input), e.g. [id, date, ticker].
+            overwrite: let `predict` replace an output that belongs to another input (default: refuse).
             tokenizer: tokenizer to load (linked to model.model_name_or_path; do not set it twice).
             trust_remote_code: allow code from the model folder (linked to model.trust_remote_code).
             prompt_style: auto (chat template when the tokenizer has one), chat, or plain Instruction/Input/Answer.
@@ -397,6 +402,7 @@ class InstructionDataModule(L.LightningDataModule):
         self._train_sampler: Optional[LengthGroupedBatchSampler] = None
         self._resume: Optional[dict[str, int]] = None
         self._started_stream = None  # predict: a stream whose workers setup started (_start_predict_workers)
+        self.predict_model: Optional[str] = None  # predict: predict.model_identity, set by the CLI (job identity)
 
     # -- setup ------------------------------------------------------------------------------------------
     def build_formatter(self) -> PromptFormatter:
@@ -485,20 +491,21 @@ class InstructionDataModule(L.LightningDataModule):
 
     def predict_job(self) -> tuple[str, dict[str, Any]]:
         """(output path, identity of this labeling job): a restart resumes only a job with the same identity."""
-        from .predict import PROGRESS_VERSION, input_fingerprint
+        from .predict import PROGRESS_VERSION, check_keep_fields, default_output, input_fingerprint
 
         hp = self.hparams
         if not hp.predict_path:
             raise DataError("data.predict_path is not set; give the file to label")
+        if os.path.isdir(hp.predict_path):
+            raise DataError(f"{hp.predict_path}: is a folder, not a file; give the file to label (data.predict_path)")
         if not os.path.isfile(hp.predict_path):
             raise DataError(f"{hp.predict_path}: no such file; check data.predict_path")
-        output = hp.predict_output
-        if not output:  # the default folder is ours to create; a folder the user named must exist
-            os.makedirs("predictions", exist_ok=True)
-            output = os.path.join("predictions", Path(hp.predict_path).stem + ".labels.jsonl")
+        # the default folder is ours to create; a folder the user named must exist
+        output = hp.predict_output or default_output(hp.predict_path)
         _, world = self._rank_world()
         expect = {"version": PROGRESS_VERSION, "input": input_fingerprint(hp.predict_path), "labels": list(hp.labels),
-                  "world": world, "chunk_rows": hp.predict_chunk_rows, "prompt": self.build_formatter().fingerprint()}
+                  "world": world, "chunk_rows": hp.predict_chunk_rows, "prompt": self.build_formatter().fingerprint(),
+                  "keep_fields": check_keep_fields(hp.keep_fields), "model": self.predict_model}
         return output, expect
 
     def _predict_stream(self):
@@ -511,7 +518,8 @@ class InstructionDataModule(L.LightningDataModule):
         start = sys.maxsize if finished_earlier(output, world, expect) else load_progress(output, rank, expect)["chunks"]
         return PredictStream(hp.predict_path, self.build_formatter(), self.label_ids, hp.instruction, hp.text_column,
                              hp.eval_batch_size, hp.predict_chunk_rows, hp.max_length, hp.labels,
-                             max_tokens=hp.eval_batch_tokens, rank=rank, world_size=world, start_chunk=start)
+                             max_tokens=hp.eval_batch_tokens, rank=rank, world_size=world, start_chunk=start,
+                             keep_fields=expect["keep_fields"])
 
     def _predict_loader(self, stream) -> DataLoader:
         from .predict import PredictLoader

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -220,6 +221,26 @@ def build(name: str, quantization: Quantization, compute_dtype: torch.dtype, dev
     return model.train()
 
 
+def _why_not_loaded(path: str, e: Exception) -> str:
+    """Why torch.load refused `path`, in one short phrase of whole words (torch's own texts run to several
+    sentences, and differ by the byte the file ends on)."""
+    text = " ".join(str(e).split())
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    if "Weights only load failed" in text:
+        found = re.search(r"unsupported GLOBAL (\S+)", text)
+        what = found.group(1) if found else "Python objects"
+        return f"Weights only load failed: it holds {what}, which could run code when loaded; refused"
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format: a zip archive
+    if zipped:
+        return "not a complete checkpoint archive: cut short while saving or copying"
+    first = re.split(r"(?<=[.!?]) ", text, maxsplit=1)[0] or type(e).__name__
+    if len(first) > 100:
+        first = first[:100].rsplit(" ", 1)[0] + "..."
+    return f"not a file torch.save wrote: {type(e).__name__}: {first}"
+
+
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     """A Lightning checkpoint read with weights_only=True (no code runs), or a one-line ModelError."""
     if not os.path.isfile(path):
@@ -227,7 +248,7 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]
     try:
         ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=True)
     except Exception as e:  # truncated, garbage, or a pickle that would run code (refused by weights_only)
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        why = _why_not_loaded(path, e)
         raise ModelError(
             f"{path}: checkpoint is corrupted or not a checkpoint ({why}); "
             "resume from another one (checkpoints/<run>/*.ckpt)"

@@ -16,6 +16,12 @@ before it), to its part file and records its progress
 the same command truncates the part file to the recorded size and continues from the next chunk. At the end the
 part(s) become the output by a rename (or a merge, then a rename, on several ranks): the output file appears
 complete or not at all.
+
+Which job an output belongs to: beside a finished output, `<output>.job.json` records its input (path and content
+fingerprint), labels, prompt format, kept fields and model (`model_identity`), and the output's own fingerprint.
+The same command run again finds its job done and labels nothing; an output of another input (or a file predict
+did not write) is replaced only with data.overwrite; the same input with another model, labels, prompt or content
+is labeled again (plan_output).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -35,12 +42,29 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset
 
 from .data import budget_batches, collate_prompts
+from .errors import ConfigError
 from .files import atomic_file, fsync_dir, write_atomic
 from .prompts import PromptFormatter
 from .records import DataError, iter_rows
 
-PROGRESS_VERSION = 3  # 2: growing chunks (chunk_size); 3: from 256 rows
+PROGRESS_VERSION = 4  # 2: growing chunks (chunk_size); 3: from 256 rows; 4: ids are line numbers
 FIRST_CHUNK_ROWS = 256
+
+
+OUTPUT_KEYS = ("id", "label", "probs", "gold", "generated")  # what predict writes in each row itself
+
+
+def check_keep_fields(fields: Optional[Sequence[str]]) -> list[str]:
+    """data.keep_fields as a list, or a ConfigError: no name twice, none that the output row uses itself ("id"
+    aside: it is the row's own id, which the output already carries)."""
+    fields = list(fields or [])
+    for f in fields:
+        if fields.count(f) > 1:
+            raise ConfigError(f"data.keep_fields: '{f}' is listed twice; list each field once")
+        if f in OUTPUT_KEYS and f != "id":
+            raise ConfigError(f"data.keep_fields: '{f}' is a key predict writes itself ({', '.join(OUTPUT_KEYS)}; "
+                              "the input's label is written as gold); remove it from data.keep_fields")
+    return fields
 
 
 def chunk_size(c: int, chunk_rows: int, world: int) -> int:
@@ -61,6 +85,139 @@ def input_fingerprint(path: str) -> str:
         f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     return h.hexdigest()[:20]
+
+
+def model_identity(hparams: dict[str, Any], ckpt_path: Optional[str], precision: Any) -> str:
+    """A digest of what makes the labels: every model setting, the precision, and the weights' files (a .ckpt, an
+    adapter folder, a local model folder) by content fingerprint. A finished output is "done" only for the same
+    digest: any change labels again (a setting that only changes speed too: costly at worst, never stale)."""
+    weights: dict[str, Any] = {}
+    for key, path in (("ckpt_path", ckpt_path), ("adapter_path", hparams.get("adapter_path")),
+                      ("model_name_or_path", hparams.get("model_name_or_path"))):
+        if isinstance(path, str) and os.path.isfile(path):
+            weights[key] = input_fingerprint(path)
+        elif isinstance(path, str) and os.path.isdir(path):
+            weights[key] = {f.name: input_fingerprint(str(f)) for f in sorted(Path(path).iterdir())
+                            if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".json")}
+    blob = json.dumps({"hparams": dict(hparams), "ckpt_path": ckpt_path, "precision": str(precision),
+                       "weights": weights}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def default_output(predict_path: str) -> str:
+    """predictions/<input file name>.labels.jsonl: the input's extension stays in the name, so my.txt and my.csv
+    never share an output. The folder is made here (a DataError when it cannot be)."""
+    folder = "predictions"
+    todo = "set data.predict_output to a file in a folder you can write to"
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DataError(f"data.predict_output is unset and its default folder {folder} is a file; {todo}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"data.predict_output is unset and its default folder {folder} cannot be made here "
+                        f"({e.strerror}); {todo}") from None
+    return os.path.join(folder, Path(predict_path).name + ".labels.jsonl")
+
+
+def check_output_path(output: str, probe: bool = True) -> None:
+    """A DataError (one line, naming data.predict_output) unless `output` can be written: its folder exists and
+    (probe) takes a new file, tried for real: permission bits do not tell (root, read-only mounts, /sys)."""
+    key, shown = "data.predict_output", os.path.dirname(output) or "."
+    folder = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise DataError(f"{key}={output}: is a folder; set {key} to a file path")
+    if not os.path.exists(folder):
+        raise DataError(f"{key}={output}: folder {shown} does not exist; create it or set {key}")
+    if not os.path.isdir(folder):
+        raise DataError(f"{key}={output}: {shown} is a file, not a folder; set {key} to a file in a folder")
+    if probe:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=folder)
+        except OSError as e:
+            raise DataError(f"{key}={output}: folder {shown} is not writable ({e.strerror}); set {key} elsewhere "
+                            "(a file in a folder you can write to)") from None
+        os.close(fd)
+        os.unlink(tmp)
+
+
+def job_path(output: str) -> Path:
+    return Path(f"{output}.job.json")
+
+
+def read_job(output: str) -> Optional[dict[str, Any]]:
+    try:
+        job = json.loads(job_path(output).read_text())
+    except (OSError, ValueError):
+        return None
+    return job if isinstance(job, dict) else None
+
+
+def write_job(output: str, job: dict[str, Any]) -> None:
+    """The record of the job a finished output belongs to, with the output's fingerprint (a later edit of the
+    output is seen)."""
+    write_atomic(job_path(output), json.dumps({**job, "output": input_fingerprint(output)}, indent=1) + "\n")
+
+
+RESUME_ONLY = ("world", "chunk_rows")  # how a job is split over ranks and chunks, not what its output holds
+_WHAT = {"version": "output format version", "input": "input content", "input_path": "input file",
+         "labels": "label set", "prompt": "prompt format", "keep_fields": "data.keep_fields",
+         "model": "model or model settings"}
+
+
+def _shown(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def count_rows(path: str) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            n += block.count(b"\n")
+    return n
+
+
+def plan_output(output: str, expect: dict[str, Any], input_path: str, world: int,
+                overwrite: bool) -> tuple[str, Optional[str]]:
+    """What to do about `output` before labeling (nothing is written here):
+    ("done", line): it holds this very job's finished labels (same input file and content, labels, prompt, kept
+    fields, model; the output unchanged since): label nothing;
+    ("label", note or None): label; the note says what an existing output is replaced for;
+    a DataError: it holds another input's labels, or is a file predict did not write, and data.overwrite is off."""
+    if not os.path.exists(output) or finished_earlier(output, world, expect):
+        return "label", None  # (finished earlier: the writer completes it without labeling)
+    job = {"input_path": os.path.realpath(input_path), **expect}
+    side = read_job(output)
+    if side is not None:
+        differ = [k for k in job if k not in RESUME_ONLY and side.get(k) != job[k]]
+        if not differ and side.get("output") == input_fingerprint(output):
+            return "done", (f"{output}: already labeled ({count_rows(output)} rows of {input_path}, same labels, "
+                            "prompt and model); nothing to do (delete it to label again)")
+        if side.get("input_path") == job["input_path"] or side.get("input") == job["input"]:
+            if not differ:
+                return "label", f"{output}: changed since it was labeled; labeling it again"
+            return "label", (f"{output}: labeled before with another {' and '.join(_WHAT.get(k, k) for k in differ)}; "
+                             "labeling it again (the new labels replace it when done)")
+    todo = "set data.predict_output to another file, or data.overwrite true to replace it"
+    other = _shown(side["input_path"]) if side is not None and side.get("input_path") else None
+    if overwrite:
+        return "label", f"{output}: replacing the labels of {other or 'a file predict did not write'} (data.overwrite)"
+    if other is None:
+        raise DataError(f"{output}: exists and was not written by predict (no {job_path(output)} beside it); {todo}")
+    raise DataError(f"{output}: holds the labels of {other}, not of {input_path}; {todo}")
+
+
+def check_input(path: str, instruction: str, text_column: str, keep_fields: Sequence[str],
+                labels: Sequence[str]) -> Optional[int]:
+    """Read (and check) every row once before any is labeled: a bad row at line 900,000 stops the job now, with
+    nothing written, instead of hours later beside a half-labeled output. Returns the line of the first gold label
+    that is not in `labels` (such rows are left out of the metrics; the summary line says so), or None."""
+    first = None
+    for row in iter_rows(path, instruction=instruction, need_output=False, text_column=text_column,
+                         keep_fields=keep_fields):
+        if first is None and row.output is not None and row.output not in labels:
+            first = row.line
+    return first
 
 
 def part_path(output: str, rank: int) -> Path:
@@ -101,16 +258,18 @@ def _write_progress(output: str, rank: int, state: dict[str, Any]) -> None:
 
 
 class PredictStream(IterableDataset):
-    """Yields collated prompt batches with their rows' (index, id, gold) for this rank, chunk by chunk."""
+    """Yields collated prompt batches with their rows' (index, id, gold) for this rank, chunk by chunk (and, with
+    keep_fields, the rows' kept input fields as batch["fields"])."""
 
     def __init__(self, path: str, formatter: PromptFormatter, label_ids: list[list[int]], instruction: str,
                  text_column: str, batch_size: int, chunk_rows: int, max_length: int, labels: Sequence[str],
-                 rank: int = 0, world_size: int = 1, start_chunk: int = 0, max_tokens: Optional[int] = None) -> None:
+                 rank: int = 0, world_size: int = 1, start_chunk: int = 0, max_tokens: Optional[int] = None,
+                 keep_fields: Sequence[str] = ()) -> None:
         self.path, self.formatter, self.label_ids = path, formatter, label_ids
         self.instruction, self.text_column, self.labels = instruction, text_column, list(labels)
         self.batch_size, self.chunk_rows, self.max_length = batch_size, chunk_rows, max_length
         self.rank, self.world_size, self.start_chunk = rank, world_size, start_chunk
-        self.max_tokens = max_tokens
+        self.max_tokens, self.keep_fields = max_tokens, list(keep_fields)
         self.created = time.perf_counter()
         self.asked: Optional[float] = None  # when the loop asked for its batches (PredictionWriter: the wait from it)
         self.started: Optional[Iterator] = None  # an iterator made ahead of the loop (PredictLoader.start)
@@ -120,7 +279,8 @@ class PredictStream(IterableDataset):
         return {**self.__dict__, "started": None}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rows = iter_rows(self.path, instruction=self.instruction, need_output=False, text_column=self.text_column)
+        rows = iter_rows(self.path, instruction=self.instruction, need_output=False, text_column=self.text_column,
+                         keep_fields=self.keep_fields)
         pad = self.formatter.tokenizer.pad_token_id
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -140,6 +300,8 @@ class PredictStream(IterableDataset):
             for idx in budget_batches(order, [len(p) for p in prompts], self.batch_size, self.max_tokens):
                 batch = collate_prompts([prompts[i] for i in idx], pad, self.label_ids)
                 batch["rows"] = [(chunk[i].index, chunk[i].id, chunk[i].output) for i in idx]
+                if self.keep_fields:
+                    batch["fields"] = [chunk[i].fields for i in idx]
                 batch["chunk"] = (c, len(chunk))
                 yield batch
 
@@ -168,11 +330,16 @@ def parse_generated(text: str, labels: Sequence[str]) -> Optional[str]:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes one JSON line per input row, in input order: id, label, probabilities, gold (when known)."""
+    """Writes one JSON line per input row, in input order: id, the kept input fields (data.keep_fields), label,
+    probabilities, gold (when known)."""
 
-    def __init__(self, output: str, labels: Sequence[str], expect: dict[str, Any]) -> None:
+    def __init__(self, output: str, labels: Sequence[str], expect: dict[str, Any],
+                 input_path: Optional[str] = None, outside_at: Optional[int] = None) -> None:
         super().__init__(write_interval="batch")
         self.output, self.labels, self.expect = output, list(labels), expect
+        # what the finished output's job record says (write_job)
+        self.job = {"input_path": os.path.realpath(input_path) if input_path else None, **expect}
+        self.outside_at = outside_at  # the input line of the first gold label not in `labels` (check_input)
         self.pending: dict[int, dict[str, Any]] = {}  # chunk -> {"size", "rows": {index: line}}
         self.report: Optional[dict[str, Any]] = None  # counts and metrics of the finished output (rank 0)
         self.done_before = False  # an earlier run of this job completed the output (see finished_earlier)
@@ -181,13 +348,7 @@ class PredictionWriter(BasePredictionWriter):
         self.in_flight = None  # the last batch's (prediction, chunk): written when the next one is under way
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        out_dir = os.path.dirname(os.path.abspath(self.output))
-        if not os.path.isdir(out_dir):
-            raise DataError(f"{self.output}: folder {out_dir} does not exist; create it or set data.predict_output")
-        if not os.access(out_dir, os.W_OK):
-            raise DataError(f"{self.output}: folder {out_dir} is not writable; set data.predict_output elsewhere")
-        if os.path.isdir(self.output):
-            raise DataError(f"{self.output}: is a folder; set data.predict_output to a file path")
+        check_output_path(self.output)  # (the CLI checked it before loading anything; this is for direct use)
         self.rank, self.world = trainer.global_rank, trainer.world_size
         self.t0, self.labeled, self.in_flight = time.perf_counter(), 0, None
         # Lightning fetches the first batch of a stream before this hook: the wait for it (reading and tokenizing
@@ -208,6 +369,8 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         # One batch behind: this batch's scores may still be on their way from the GPU (predict_step does not
         # wait for them), the previous batch's have landed, and writing them overlaps this batch's scoring.
+        if "fields" in batch:  # (predict_step passes the rows on, not the rest of the batch)
+            prediction["fields"] = batch["fields"]
         previous, self.in_flight = self.in_flight, (prediction, batch["chunk"])
         if previous is not None:
             self._write(*previous)
@@ -220,8 +383,11 @@ class PredictionWriter(BasePredictionWriter):
         slot = self.pending.setdefault(c, {"size": size, "rows": {}})
         # one tolist() for the batch: indexing a tensor row by row costs more than the JSON
         probs = torch.softmax(prediction["scores"], -1).tolist() if "scores" in prediction else None
+        fields = prediction.get("fields")
         for j, (index, rid, gold) in enumerate(prediction["rows"]):
             rec: dict[str, Any] = {"id": rid}
+            if fields is not None:
+                rec.update(fields[j])
             if probs is not None:
                 p = probs[j]
                 rec["label"] = self.labels[max(range(len(p)), key=p.__getitem__)]  # (first of equals, as argmax)
@@ -270,17 +436,18 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         if self.rank == 0:
             if self.done_before:
+                write_job(self.output, self.job)
                 _remove_progress(self.output, self.world)
             else:
-                finish_output(self.output, self.world, self.expect["chunk_rows"])
+                finish_output(self.output, self.world, self.expect["chunk_rows"], self.job)
             self.report = prediction_report(self.output, self.labels)
-            _announce(self.output, self.report, self.speed)
+            _announce(self.output, self.report, self.speed, self.outside_at, self.labels)
         trainer.strategy.barrier()
 
 
-def finish_output(output: str, world: int, chunk_rows: int) -> None:
+def finish_output(output: str, world: int, chunk_rows: int, job: Optional[dict[str, Any]] = None) -> None:
     """Turn the rank part files into the output: chunk c (`chunk_size` rows) sits in part c % world; rename when
-    world is 1."""
+    world is 1. Then the job record (`job`, when given) and, last, the removal of the progress files."""
     parts = [part_path(output, r) for r in range(world)]
     if world == 1:
         os.replace(parts[0], output)
@@ -299,6 +466,8 @@ def finish_output(output: str, world: int, chunk_rows: int) -> None:
             f.close()
         for p in parts:
             p.unlink()
+    if job is not None:
+        write_job(output, job)
     _remove_progress(output, world)  # a kill before this line leaves a state finished_earlier() recognises
 
 
@@ -369,8 +538,10 @@ def prediction_report(output: str, labels: Sequence[str], block: int = 65536) ->
     return {"output": output, **counts, **report}
 
 
-def _announce(output: str, report: dict[str, Any], speed: Optional[dict[str, float]] = None) -> None:
-    """One line on stderr; with gold labels, the metrics as JSON + Markdown + PNG beside the output."""
+def _announce(output: str, report: dict[str, Any], speed: Optional[dict[str, float]] = None,
+              outside_at: Optional[int] = None, labels: Sequence[str] = ()) -> None:
+    """One line on stderr; with gold labels, the metrics as JSON + Markdown + PNG beside the output. Gold labels
+    outside the label set are said there too (count, first line): they are left out of the metrics."""
     from .metrics import write_report
 
     line = f"labeled {report['rows']} rows -> {output}"
@@ -381,8 +552,17 @@ def _announce(output: str, report: dict[str, Any], speed: Optional[dict[str, flo
         line += ")"
     if report["unparsed"]:
         line += f"; {report['unparsed']} generated answers named no single label (label null)"
-    if "accuracy" in report:
-        stem = Path(output).name.removesuffix(".jsonl")
+    if report["gold_outside_labels"]:
+        n = report["gold_outside_labels"]
+        line += (f"; {n} gold label{' is' if n == 1 else 's are'} not in {'/'.join(labels)}"
+                 + (f" (first at line {outside_at})" if outside_at is not None else "")
+                 + (": those rows are left out of the metrics" if "accuracy" in report
+                    else ": no metrics are written (set data.labels to the file's labels)"))
+    stem = Path(output).name.removesuffix(".jsonl")
+    if "accuracy" not in report:  # metrics left beside the output by an earlier job describe labels no longer there
+        for p in (f"{stem}.metrics.json", f"{stem}.metrics.md", f"{stem}.metrics_confusion.png"):
+            (Path(output).parent / p).unlink(missing_ok=True)
+    else:
         paths = write_report(report, str(Path(output).parent), stem=f"{stem}.metrics", title=f"Labels of {output}")
         line += (f"; against the {report['support']} gold labels: accuracy {report['accuracy']:.4f}, macro-F1 "
                  f"{report['f1_macro']:.4f}, weighted-F1 {report['f1_weighted']:.4f} -> {paths[1]}")

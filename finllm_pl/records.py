@@ -11,7 +11,14 @@ Row schemas:
   - instruction rows: {"instruction": str, "input": str (optional), "output": str}  (the seed's format)
   - text rows:        {"text": str, "label": str (optional)}; the configured instruction is used
   - CSV:              a text column (and optionally a label column); plain text: the whole line is the text
-An optional "id" (string or integer) is carried to the output; it must be unique.
+An optional "id" (string or integer) is carried to the output; it must be unique. A row without one gets its
+1-based line number as id (CSV: the line its record starts on), so output rows join back to the input. Blank lines
+are skipped and count as lines.
+
+`keep_fields` (predict's data.keep_fields): input fields carried to each output row, as they are in the input
+(JSONL values keep their JSON types; CSV cells are strings). "text" is the input text in every format (and the only
+field of a plain-text row); "id" is checked to be on every row and is the output's id. A row without one of them is
+an error naming the file, line and field.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ import csv
 import hashlib
 import json
 import os
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -33,11 +40,12 @@ MAX_LINE_BYTES = 1 << 20  # a 1 MiB "sentence" is a broken file, not a sentence
 @dataclass
 class Row:
     index: int  # 0-based position among the file's data rows (output order)
-    line: int  # 1-based line (or CSV record) number, for error messages
-    id: str
+    line: int  # 1-based line the row (a CSV record: its first line) is on; blank lines count
+    id: str  # the row's own "id", else str(line)
     instruction: str
     input: str
     output: Optional[str]  # the answer / gold label; None when the file has none
+    fields: dict[str, Any] = field(default_factory=dict)  # the kept input fields (keep_fields), "id" aside
 
 
 def file_format(path: str) -> str:
@@ -83,7 +91,21 @@ def _str_field(path: str, n: int, obj: dict, key: str, required: bool, allow_emp
     return value
 
 
-def _json_rows(path: str, instruction: str, need_output: bool) -> Iterator[tuple[int, dict]]:
+def _kept(path: str, n: int, obj: dict, text: str, keep: Sequence[str]) -> dict[str, Any]:
+    """The kept fields of a JSON row: "text" is the input text, "id" only has to be there (it is the output id)."""
+    fields = {}
+    for key in keep:
+        if key == "text":
+            fields[key] = text
+        elif key not in obj:
+            raise DataError(f'{path}:{n}: no field "{key}" in this row; data.keep_fields asks for it on every row '
+                            "(add it, or remove it from data.keep_fields)")
+        elif key != "id":
+            fields[key] = obj[key]
+    return fields
+
+
+def _json_rows(path: str, instruction: str, need_output: bool, keep: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
     for n, line in _lines(path):
         if not line.strip():
             continue
@@ -117,24 +139,40 @@ def _json_rows(path: str, instruction: str, need_output: bool) -> Iterator[tuple
                 raise DataError(f'{path}:{n}: field "id" must be a string or an integer, got '
                                 f'{type(obj["id"]).__name__}; fix it or drop the id field')
             row["id"] = str(obj["id"])
+        if keep:
+            row["fields"] = _kept(path, n, obj, row["input"], keep)
         yield n, row
 
 
-def _csv_rows(path: str, instruction: str, text_column: str, label_column: str, need_output: bool):
+def _csv_rows(path: str, instruction: str, text_column: str, label_column: str, need_output: bool,
+              keep: Sequence[str] = ()):
     for _ in _lines(path):  # the same UTF-8 / line-length checks, before csv sees the text
         pass
+    start: list[Optional[int]] = [None]  # the line the record being read starts on (csv reads line by line)
+
+    def numbered(f) -> Iterator[str]:
+        for n, line in enumerate(f, start=1):
+            if start[0] is None and line.rstrip("\r\n"):  # (csv skips empty lines; a record starts on the next)
+                start[0] = n
+            yield line
+
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(numbered(f))
         columns = reader.fieldnames or []
+        header, start[0] = start[0] or 1, None
         if text_column not in columns:
             raise DataError(
-                f"{path}:1: no column '{text_column}' (columns: {', '.join(columns) or 'none'}); "
+                f"{path}:{header}: no column '{text_column}' (columns: {', '.join(columns) or 'none'}); "
                 "set data.text_column to the column that holds the text"
             )
         if need_output and label_column not in columns:
-            raise DataError(f"{path}:1: no column '{label_column}' for the answers; set data.label_column")
+            raise DataError(f"{path}:{header}: no column '{label_column}' for the answers; set data.label_column")
+        for key in keep:
+            if key != "text" and key not in columns:
+                raise DataError(f"{path}:{header}: no column '{key}' (columns: {', '.join(columns)}); "
+                                "data.keep_fields asks for it (remove it from data.keep_fields, or fix the header)")
         for rec in reader:
-            n = reader.line_num
+            n, start[0] = start[0] or reader.line_num, None
             text = rec.get(text_column)
             if text is None or not text.strip():
                 raise DataError(f"{path}:{n}: column '{text_column}' is empty; give it text or remove the row")
@@ -144,6 +182,18 @@ def _csv_rows(path: str, instruction: str, text_column: str, label_column: str, 
             row = {"instruction": instruction, "input": text, "output": label}
             if rec.get("id"):
                 row["id"] = rec["id"]
+            if keep:
+                row["fields"] = fields = {}
+                for key in keep:
+                    value = text if key == "text" else rec.get(key)
+                    if value is None:
+                        raise DataError(f"{path}:{n}: no value for column '{key}' (the row has fewer fields than the "
+                                        "header); fix the row, or remove it from data.keep_fields")
+                    if key == "id" and not value:
+                        raise DataError(f"{path}:{n}: column 'id' is empty; data.keep_fields asks for the row's id "
+                                        "(give every row one, or remove id from data.keep_fields)")
+                    if key != "id":
+                        fields[key] = value
             yield n, row
 
 
@@ -192,19 +242,35 @@ def iter_rows(
     labels: Optional[Sequence[str]] = None,
     text_column: str = "text",
     label_column: str = "label",
+    keep_fields: Sequence[str] = (),
 ) -> Iterator[Row]:
-    """Stream checked rows from `path`. `labels`: when given, every answer must be one of them."""
+    """Stream checked rows from `path`. `labels`: when given, every answer must be one of them. `keep_fields`:
+    input fields each row carries (Row.fields; see the module's docstring)."""
     fmt = file_format(path)
     if fmt == "text" and need_output:
         raise DataError(f"{path}: plain-text files have no answers; training and validation need .jsonl or .csv")
+    keep = list(keep_fields)
+
+    def text_rows() -> Iterator[tuple[int, dict]]:
+        for n, line in _lines(path):
+            if not line.strip():
+                continue
+            text = line.rstrip("\r\n")
+            other = next((key for key in keep if key != "text"), None)
+            if other is not None:
+                raise DataError(f"{path}:{n}: plain-text rows have only the field 'text', not '{other}'; remove it "
+                                "from data.keep_fields (or give a .jsonl or .csv file)")
+            row = {"instruction": instruction, "input": text, "output": None}
+            if keep:
+                row["fields"] = {"text": text}
+            yield n, row
 
     def rows() -> Iterator[tuple[int, dict]]:
         if fmt == "jsonl":
-            return _json_rows(path, instruction, need_output)
+            return _json_rows(path, instruction, need_output, keep)
         if fmt == "csv":
-            return _csv_rows(path, instruction, text_column, label_column, need_output)
-        return ((n, {"instruction": instruction, "input": line.rstrip("\r\n"), "output": None})
-                for n, line in _lines(path) if line.strip())
+            return _csv_rows(path, instruction, text_column, label_column, need_output, keep)
+        return text_rows()
 
     source = rows()
     seen = _SeenIds()
@@ -215,7 +281,7 @@ def iter_rows(
             raise DataError(
                 f"{path}:{n}: answer {out!r} is not one of {'/'.join(labels)}; fix the row or set data.labels"
             )
-        rid = r.get("id", str(index))
+        rid = r.get("id", str(n))
         if "id" in r:
             digest = seen.digest(rid)
             if digest in seen:  # confirm on the text (a digest collision is not a duplicate): rare, so a rescan
@@ -224,7 +290,7 @@ def iter_rows(
                     raise DataError(f"{path}:{n}: duplicate id {rid!r} (first at line {first}); ids must be unique "
                                     "(or drop the id field)")
             seen.add(digest)
-        yield Row(index, n, rid, r["instruction"], r["input"], out)
+        yield Row(index, n, rid, r["instruction"], r["input"], out, r.get("fields", {}))
     if index < 0:
         raise DataError(f"{path}: no rows (the file is empty); give it at least one row")
 

@@ -216,6 +216,33 @@ CASES = [
     ("predict-output-is-a-folder", {"in.txt": b"Shares rose.\n", "out.jsonl/x": b""},
      PREDICT + ["--data.predict_path", "in.txt", "--data.predict_output", "out.jsonl"],
      ["out.jsonl", "is a folder", "data.predict_output"]),
+    ("predict-kept-field-missing", {"in.jsonl": b'{"text": "a", "ticker": "X"}\n\n{"text": "b"}\n'},
+     PREDICT + ["--data.predict_path", "in.jsonl", "--data.keep_fields", "[ticker]"],
+     ['in.jsonl:3: no field "ticker" in this row', "data.keep_fields"]),
+    ("predict-kept-column-missing", {"in.csv": b"text,date\nShares rose.,2024\n"},
+     PREDICT + ["--data.predict_path", "in.csv", "--data.keep_fields", "[date, ticker]"],
+     ["in.csv:1: no column 'ticker' (columns: text, date)", "data.keep_fields"]),
+    ("predict-kept-field-of-plain-text", {"in.txt": b"Shares rose.\n"},
+     PREDICT + ["--data.predict_path", "in.txt", "--data.keep_fields", "[date]"],
+     ["in.txt:1: plain-text rows have only the field 'text', not 'date'", "remove it from data.keep_fields"]),
+    ("predict-kept-field-named-like-an-output-key", {"in.jsonl": b'{"text": "a", "label": "neutral"}\n'},
+     PREDICT + ["--data.predict_path", "in.jsonl", "--data.keep_fields", "[label]"],
+     ["data.keep_fields: 'label' is a key predict writes itself", "gold"]),
+    ("predict-path-is-a-folder", {"news/in.txt": b"Shares rose.\n"}, PREDICT + ["--data.predict_path", "news"],
+     ["news: is a folder, not a file", "give the file to label"]),
+    ("predict-output-in-a-system-folder", {"in.txt": b"Shares rose.\n"},
+     PREDICT + ["--data.predict_path", "in.txt", "--data.predict_output", "/sys/x.jsonl"],
+     ["data.predict_output=/sys/x.jsonl: folder /sys is not writable", "set data.predict_output elsewhere"]),
+    ("predict-output-folder-is-a-file", {"in.txt": b"Shares rose.\n", "afile": b"x"},
+     PREDICT + ["--data.predict_path", "in.txt", "--data.predict_output", "afile/out.jsonl"],
+     ["data.predict_output=afile/out.jsonl: afile is a file, not a folder", "set data.predict_output"]),
+    ("predict-default-output-folder-is-a-file", {"in.txt": b"Shares rose.\n", "predictions": b"x"},
+     PREDICT + ["--data.predict_path", "in.txt"],
+     ["data.predict_output is unset and its default folder predictions is a file", "set data.predict_output"]),
+    ("predict-output-not-written-by-predict", {"in.txt": b"Shares rose.\n", "notes.jsonl": b'{"my": "notes"}\n'},
+     PREDICT + ["--data.predict_path", "in.txt", "--data.predict_output", "notes.jsonl"],
+     ["notes.jsonl: exists and was not written by predict (no notes.jsonl.job.json beside it)",
+      "set data.predict_output to another file, or data.overwrite true to replace it"]),
     ("validate-nothing-to-validate", {}, ["validate", "--config", "configs/smoke.yaml", *QUIET,
                                           "--data.val_fraction", "0"], ["nothing to validate", "set data.val_path"]),
 ]
@@ -309,6 +336,61 @@ def test_bad_input_is_rejected_cleanly(name, files, args, expect, workdir, capsy
     for part in expect:
         assert part in line, f"{part!r} not in {line!r}"
     assert not (workdir / "PWNED").exists(), "unpickling a checkpoint ran code"
+
+
+def test_an_unwritable_output_stops_predict_before_the_model_loads(workdir, locked, capsys, monkeypatch):
+    """The output is checked before anything is loaded: not after minutes of loading a model."""
+    from finllm_pl.module import FinLLM
+
+    (workdir / "in.txt").write_text("Shares rose.\n")
+    monkeypatch.setattr(FinLLM, "configure_model", lambda self: (_ for _ in ()).throw(AssertionError("model loaded")))
+    line = _fails_cleanly(capsys, workdir, PREDICT + ["--data.predict_path", "in.txt", "--data.predict_output",
+                                                      "locked/out.jsonl"])
+    assert "locked/out.jsonl" in line and "not writable" in line
+
+
+def _load_error(path: Path) -> str:
+    """What torch itself says about the file (its first line)."""
+    try:
+        torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        return " ".join(str(e).split()) or type(e).__name__
+    raise AssertionError(f"{path} loaded")
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("empty", ["the file is empty"]),
+    ("garbage", ["not a complete checkpoint", "cut short"]),
+    ("truncated", ["not a complete checkpoint", "cut short"]),
+    ("code", ["Weights only load failed", "posix.system", "run code"]),
+    ("text", ["not a file torch.save wrote"]),
+])
+def test_a_corrupted_checkpoint_says_why_in_whole_words(kind, says, workdir, capsys):
+    """The reason in a corrupted checkpoint's one line is short and whole: not torch's text cut mid-word."""
+    path = workdir / f"{kind}.ckpt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    elif kind == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(4096)}}, path)
+        path.write_bytes(path.read_bytes()[:9000])
+    elif kind == "code":
+        torch.save({"state_dict": {}, "payload": _Evil(str(workdir / "PWNED"))}, path)
+    else:
+        path.write_text("a text file, not a checkpoint\n")
+    full = _load_error(path)
+    line = _fails_cleanly(capsys, workdir, FIT + ["--ckpt_path", path.name])
+    head = f"error: {path.name}: checkpoint is corrupted or not a checkpoint ("
+    assert line.startswith(head) and line.endswith("); resume from another one (checkpoints/<run>/*.ckpt)"), line
+    why = line[len(head):-len("); resume from another one (checkpoints/<run>/*.ckpt)")]
+    for part in says:
+        assert part in why, (part, why)
+    assert len(why) <= 160, why
+    stem = why.removesuffix("...")
+    if full.startswith(stem) and len(stem) < len(full):  # torch's own text, shortened: after a whole word, marked
+        assert why.endswith("...") and full[len(stem)] == " ", f"torch's text cut mid-word: {why!r}"
+    assert not (workdir / "PWNED").exists()
 
 
 def test_the_corpus_is_large_and_distinct():

@@ -501,8 +501,10 @@ def _label_under_kills(ws: Path, n: int, kills: int, chunk_rows: int, seed: int,
             progress_at_kill.append(prog["rows"] if prog else 0)
         else:
             assert child.rc == 0, child.tail()
-    leftovers = sorted(p.name for p in (ws / "out").iterdir() if p.name != "labels.jsonl")
+    kept = ("labels.jsonl", "labels.jsonl.job.json")  # the output and its job record
+    leftovers = sorted(p.name for p in (ws / "out").iterdir() if p.name not in kept)
     assert not leftovers, f"part/temp files left: {leftovers}"
+    assert (ws / "out" / "labels.jsonl.job.json").exists(), "the finished output has no job record"
     check = _check_output(ws / "out" / "labels.jsonl", n)
     return {**check, "kills_tried": kills, "kills_survived": kills if check["rows_lost"] == check["rows_duplicated"]
             == check["rows_out_of_order"] == 0 else 0, "rows_done_at_each_kill": progress_at_kill,
@@ -590,7 +592,7 @@ def test_labeling_recovers_when_killed_after_a_part_write_before_its_progress_re
     monkeypatch.setattr(predict, "_write_progress", real)  # (not monkeypatch.undo(): it would undo the chdir too)
     got = _predict_in_process(tmp_path)
     assert got == want
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["labels.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["labels.jsonl", "labels.jsonl.job.json"]
 
 
 def test_labeling_recovers_when_killed_between_the_final_rename_and_the_cleanup(tmp_path, monkeypatch):
@@ -614,7 +616,7 @@ def test_labeling_recovers_when_killed_between_the_final_rename_and_the_cleanup(
     got = _predict_in_process(tmp_path)  # the same command again
     assert [r["id"] for r in got] == [f"r{i:07d}" for i in range(12)]
     assert (out / "labels.jsonl").read_text() == first
-    assert sorted(p.name for p in out.iterdir()) == ["labels.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.jsonl", "labels.jsonl.job.json"]
 
 
 # ================================================================================================================

@@ -46,7 +46,8 @@ def _predict(inp, out, *extra, ckpt=None):
 
 
 def _write_inputs(tmp: Path, rows: list[dict]) -> dict[str, tuple[Path, list[str], bool]]:
-    """The same texts in every input format: {name: (path, expected ids in order, has gold)}."""
+    """The same texts in every input format: {name: (path, expected ids in order, has gold)}. A row's own id is
+    its id, else its 1-based line number (CSV: after the header line)."""
     n = len(rows)
     ids = [f"r{i:03d}" for i in range(n)][::-1]  # ids not in sorted order: the output must keep input order
     files = {}
@@ -55,16 +56,16 @@ def _write_inputs(tmp: Path, rows: list[dict]) -> dict[str, tuple[Path, list[str
     files["jsonl-train-schema"] = (p, ids, True)
     p = tmp / "text_rows.jsonl"
     p.write_text("".join(json.dumps({"text": r["input"]}) + "\n" for r in rows))
-    files["jsonl-text"] = (p, [str(i) for i in range(n)], False)
+    files["jsonl-text"] = (p, [str(i + 1) for i in range(n)], False)
     p = tmp / "news.csv"
     with open(p, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["date", "headline", "label"])
         w.writerows([["2024-01-01", r["input"], r["output"]] for r in rows])
-    files["csv"] = (p, [str(i) for i in range(n)], True)
+    files["csv"] = (p, [str(i + 2) for i in range(n)], True)
     p = tmp / "lines.txt"
     p.write_text("".join(r["input"].replace("\n", " ") + "\n" for r in rows))
-    files["txt"] = (p, [str(i) for i in range(n)], False)
+    files["txt"] = (p, [str(i + 1) for i in range(n)], False)
     return files
 
 
@@ -81,7 +82,8 @@ def test_every_input_format_gives_the_same_labels_in_input_order(tmp_path, train
             assert abs(sum(r["probs"].values()) - 1) < 1e-4 and r["label"] == max(r["probs"], key=r["probs"].get)
             assert (r.get("gold") == src["output"]) if has_gold else "gold" not in r
         outs[name] = out
-        assert not list(tmp_path.glob(f"{name}.out.jsonl.*")), "part or progress files left behind"
+        # no part or progress file left behind; the job record stays (it says which input the output belongs to)
+        assert [p.name for p in tmp_path.glob(f"{name}.out.jsonl.*")] == [f"{name}.out.jsonl.job.json"]
     # Same texts, same prompts: every format must give the same probabilities row by row.
     ref = outs["jsonl-train-schema"]
     for name, out in outs.items():
@@ -159,7 +161,7 @@ def test_generate_mode_writes_free_text_and_counts_unparsed(tmp_path, trained, c
     inp.write_text("".join(json.dumps(r) + "\n" for r in _rows(9)))
     out = _predict(inp, tmp_path / "gen.jsonl", "--model.predict_mode", "generate", "--model.max_new_tokens", "3",
                    ckpt=adapter)
-    assert [r["id"] for r in out] == [str(i) for i in range(9)]
+    assert [r["id"] for r in out] == [str(i + 1) for i in range(9)]  # (line numbers: the rows have no id)
     for r in out:
         assert "generated" in r and "probs" not in r
         assert r["label"] == parse_generated(r["generated"], ["negative", "neutral", "positive"])
@@ -382,9 +384,9 @@ def test_a_kill_after_the_output_is_in_place_does_not_relabel(tmp_path, trained,
     out = tmp_path / "in.labels.jsonl"
     real = P.finish_output
 
-    def killed_after_replace(output, world, chunk_rows):  # the output lands, then the process "dies"
+    def killed_after_replace(output, world, chunk_rows, job=None):  # the output lands, then the process "dies"
         saved = {q: q.read_bytes() for q in Path(output).parent.glob("*.part*.json")}
-        real(output, world, chunk_rows)
+        real(output, world, chunk_rows, job)
         for q, data in saved.items():
             q.write_bytes(data)
 
@@ -403,6 +405,7 @@ def test_a_kill_after_the_output_is_in_place_does_not_relabel(tmp_path, trained,
     # the same leftover state, but the output was changed since: not a finished job, so it is labeled again
     monkeypatch.undo()  # the real scoring again
     monkeypatch.setattr(P, "finish_output", killed_after_replace)
+    out.unlink()  # (else the job is done: this run would label nothing and leave no progress files)
     _predict(inp, out, ckpt=adapter)
     out.write_bytes(done[:-10])
     monkeypatch.setattr(P, "finish_output", real)
@@ -476,3 +479,261 @@ def test_the_self_check_draws_its_batches_on_the_host_under_any_default_device(t
         train, val = batches(stand_in_config(str(tiny_dir), False), shape, torch.device("cpu"))
     assert train["g_ids"].device.type == val["prompt_ids"].device.type == "cpu"
     assert val["label_ids"].shape[0] == 3 and len(val["prefix_ids"]) >= 8
+
+
+# -- issue 26: what the outputs carry, where they go, and when they may be replaced ------------------------------
+def test_kept_input_fields_come_through_to_every_output_row(tmp_path, trained):
+    """data.keep_fields copies input fields into each output row, as they are in the input; ids are line numbers
+    (blank lines count), so every output row joins back to its input line."""
+    _, adapter, _ = trained
+    rows = _rows(6)
+    src = tmp_path / "news.jsonl"
+    recs = [{"id": f"n{i}", "text": r["input"], "date": f"2024-01-0{i + 1}", "ticker": ["ABC", None, 7][i % 3]}
+            for i, r in enumerate(rows)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = _predict(src, tmp_path / "news.out.jsonl", "--data.keep_fields", "[id, date, ticker, text]", ckpt=adapter)
+    assert [r["id"] for r in out] == [r["id"] for r in recs]
+    assert [{k: r[k] for k in ("date", "ticker", "text")} for r in out] == \
+        [{"date": r["date"], "ticker": r["ticker"], "text": r["text"]} for r in recs]
+    assert all(r["label"] in ("negative", "neutral", "positive") for r in out)
+    # read and tokenized by worker processes (the fields travel with their batches), chunks of 2 rows: the same rows
+    workers = _predict(src, tmp_path / "news.workers.jsonl", "--data.keep_fields", "[id, date, ticker, text]",
+                       "--data.num_workers", "2", "--data.predict_chunk_rows", "2", ckpt=adapter)
+    assert [{k: v for k, v in r.items() if k != "probs"} for r in workers] == \
+        [{k: v for k, v in r.items() if k != "probs"} for r in out]
+
+    csv_src = tmp_path / "news.csv"
+    with open(csv_src, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["date", "headline", "ticker"])
+        w.writerows([[f"2024-02-0{i + 1}", r["input"], f"T{i}"] for i, r in enumerate(rows)])
+    out = _predict(csv_src, tmp_path / "csv.out.jsonl", "--data.text_column", "headline", "--data.keep_fields",
+                   "[ticker, date]", ckpt=adapter)
+    assert [(r["id"], r["ticker"], r["date"]) for r in out] == [(str(i + 2), f"T{i}", f"2024-02-0{i + 1}")
+                                                                for i in range(6)]
+
+    txt = tmp_path / "lines.txt"
+    lines = ["", rows[0]["input"], "", "", rows[1]["input"], rows[2]["input"], "  "]
+    txt.write_text("\n".join(lines) + "\n")
+    out = _predict(txt, tmp_path / "txt.out.jsonl", "--data.keep_fields", "[text]", ckpt=adapter)
+    assert [r["id"] for r in out] == ["2", "5", "6"]
+    assert all(lines[int(r["id"]) - 1] == r["text"] for r in out)  # the user's join
+    plain = _predict(txt, tmp_path / "txt.plain.jsonl", ckpt=adapter)  # nothing asked: no extra keys
+    assert [set(r) for r in plain] == [{"id", "label", "probs"}] * 3
+
+
+def _cli_predict(inp, *extra, ckpt=None):
+    """predict with the output left to its default (predictions/ in the working folder) unless extra sets it."""
+    args = ["predict", "--config", str(ROOT / "configs/smoke.yaml"), "--data.predict_path", str(inp),
+            "--data.predict_chunk_rows", "7", "--data.eval_batch_size", "3", *QUIET, *extra]
+    cli_main(args + (["--ckpt_path", str(ckpt)] if ckpt else []))
+
+
+def _read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _no_model(monkeypatch):
+    """Any labeling from here on fails the test: the model must not even be loaded."""
+    from finllm_pl.module import FinLLM
+
+    monkeypatch.setattr(FinLLM, "configure_model",
+                        lambda self: (_ for _ in ()).throw(AssertionError("the model was loaded: relabeled")))
+
+
+def _err_lines(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_default_outputs_keep_the_input_extension_so_they_never_collide(tmp_path, monkeypatch):
+    """my.txt and my.csv get predictions/my.txt.labels.jsonl and predictions/my.csv.labels.jsonl, each with a job
+    record (<output>.job.json) naming the input it belongs to."""
+    from finllm_pl.predict import input_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    rows = _rows(7)
+    (tmp_path / "my.txt").write_text("".join(r["input"] + "\n" for r in rows[:3]))
+    with open(tmp_path / "my.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows([[r["input"], r["output"]] for r in rows[3:]])
+    _cli_predict("my.txt")
+    _cli_predict("my.csv")
+    txt, csv_out = tmp_path / "predictions/my.txt.labels.jsonl", tmp_path / "predictions/my.csv.labels.jsonl"
+    assert [r["id"] for r in _read(txt)] == ["1", "2", "3"] and "gold" not in _read(txt)[0]
+    assert [(r["id"], r["gold"]) for r in _read(csv_out)] == [(str(i + 2), r["output"]) for i, r in enumerate(rows[3:])]
+    assert (tmp_path / "predictions/my.csv.labels.metrics.json").exists()
+    for out, name in ((txt, "my.txt"), (csv_out, "my.csv")):
+        job = json.loads(Path(f"{out}.job.json").read_text())
+        assert job["input_path"] == str((tmp_path / name).resolve())
+        assert job["input"] == input_fingerprint(name) and job["labels"] == ["negative", "neutral", "positive"]
+        assert job["prompt"] and job["model"] and job["keep_fields"] == []
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == [
+        "my.csv.labels.jsonl", "my.csv.labels.jsonl.job.json", "my.csv.labels.metrics.json",
+        "my.csv.labels.metrics.md", "my.csv.labels.metrics_confusion.png", "my.txt.labels.jsonl",
+        "my.txt.labels.jsonl.job.json"]
+
+
+def test_rerunning_a_finished_job_says_it_is_done_and_touches_nothing(tmp_path, trained, monkeypatch, capsys):
+    _, adapter, _ = trained
+    inp = tmp_path / "gold.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _rows(9)))
+    out = tmp_path / "gold.out.jsonl"
+    _predict(inp, out, ckpt=adapter)
+    written = sorted(tmp_path.glob("gold.out.*"))
+    assert len(written) == 5  # output, job record, metrics json / md / png
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in written}
+    capsys.readouterr()
+    _no_model(monkeypatch)
+    _predict(inp, out, ckpt=adapter)  # returns normally: exit status 0
+    lines = _err_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"{out}: already labeled (9 rows of {inp}") and \
+        "nothing to do" in lines[0], lines
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(tmp_path.glob("gold.out.*"))} == before
+
+
+def test_an_output_of_another_input_is_refused_unless_overwrite_is_set(tmp_path, trained, monkeypatch, capsys):
+    _, adapter, _ = trained
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.txt"
+    a.write_text("".join(json.dumps(r) + "\n" for r in _rows(5)))
+    b.write_text("".join(r["input"] + "\n" for r in _rows(8)[5:]))
+    out = tmp_path / "out.jsonl"
+    _predict(a, out, ckpt=adapter)
+    assert (tmp_path / "out.metrics.json").exists()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _predict(b, out, ckpt=adapter)
+    assert e.value.code == 2
+    err = [line for line in _err_lines(capsys) if "Traceback" in line or line.startswith("error:")]
+    assert err == [f"error: {out}: holds the labels of {a}, not of {b}; set data.predict_output to another file, "
+                   "or data.overwrite true to replace it"], err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing replaced
+    rows = _predict(b, out, "--data.overwrite", "true", ckpt=adapter)
+    assert [r["id"] for r in rows] == ["1", "2", "3"] and "gold" not in rows[0]
+    assert json.loads((tmp_path / "out.jsonl.job.json").read_text())["input_path"] == str(b.resolve())
+    # a.jsonl's metrics described a.jsonl's labels: they are gone with them
+    assert not list(tmp_path.glob("out.metrics*"))
+
+
+def test_the_same_input_is_labeled_again_when_its_model_or_its_content_changed(tmp_path, trained, monkeypatch,
+                                                                              capsys):
+    """Done means: the same input file and content, labels, prompt, kept fields and model (settings, checkpoint
+    or adapter files, precision). Another model or an edited input labels again and replaces the output."""
+    _, adapter, _ = trained
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(6)))
+    out = tmp_path / "in.out.jsonl"
+    base = _predict(inp, out)
+    capsys.readouterr()
+    tuned = _predict(inp, out, ckpt=adapter)
+    assert max(abs(x["probs"][k] - y["probs"][k]) for x, y in zip(base, tuned) for k in x["probs"]) > 1e-3
+    assert f"{out}: labeled before with another model or model settings; labeling it again" in capsys.readouterr().err
+    kept = _predict(inp, out, "--data.keep_fields", "[text]", ckpt=adapter)  # other fields asked: a new output
+    assert [r["text"] for r in kept] == [r["input"] for r in _rows(6)]
+    inp.write_text("".join(r["input"] + "\n" for r in _rows(8)))  # the file was edited
+    assert len(_predict(inp, out, "--data.keep_fields", "[text]", ckpt=adapter)) == 8
+    assert "labeled before with another input content" in capsys.readouterr().err
+    _no_model(monkeypatch)
+    assert len(_predict(inp, out, "--data.keep_fields", "[text]", ckpt=adapter)) == 8  # and now it is done
+    assert "already labeled (8 rows" in capsys.readouterr().err
+
+
+def test_a_kill_before_the_job_record_is_written_does_not_relabel(tmp_path, trained, monkeypatch, capsys):
+    """Killed right after the output was put in place, before its job record was written: the same command
+    labels nothing again, writes the record and cleans up; the next run says it is done."""
+    from finllm_pl import predict as P
+
+    _, adapter, _ = trained
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in _rows(10)))
+    out = tmp_path / "in.out.jsonl"
+
+    class Killed(BaseException):
+        pass
+
+    monkeypatch.setattr(P, "write_job", lambda *a: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        _predict(inp, out, ckpt=adapter)
+    assert out.exists() and not Path(f"{out}.job.json").exists() and list(tmp_path.glob("*.part0.json"))
+    first = out.read_bytes()
+    monkeypatch.undo()
+    from finllm_pl.backend import FastBackend
+
+    monkeypatch.setattr(FastBackend, "score", lambda self, batch: (_ for _ in ()).throw(AssertionError("relabeled")))
+    capsys.readouterr()
+    _predict(inp, out, ckpt=adapter)  # (the model loads, as after any kill: the data yields nothing to label)
+    assert "labeled 10 rows" in capsys.readouterr().err
+    assert out.read_bytes() == first and Path(f"{out}.job.json").exists() and not list(tmp_path.glob("*.part*"))
+    _no_model(monkeypatch)
+    _predict(inp, out, ckpt=adapter)
+    assert "already labeled (10 rows" in capsys.readouterr().err
+
+
+def test_gold_labels_outside_the_label_set_are_counted_in_the_summary_line(tmp_path, trained, capsys):
+    """Gold labels that are not in data.labels are left out of the metrics: the summary line says how many and the
+    first line, instead of a counter only metrics.json shows."""
+    _, adapter, _ = trained
+    rows = _rows(20)
+    for i in (16, 17, 19):  # lines 17, 18 and 20
+        rows[i] = {**rows[i], "output": "bullish"}
+    inp = tmp_path / "gold.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    out = _predict(inp, tmp_path / "gold.out.jsonl", ckpt=adapter)
+    err = capsys.readouterr().err
+    assert "; 3 gold labels are not in negative/neutral/positive (first at line 17): those rows are left out of " \
+           "the metrics" in err, err
+    assert sum(r["gold"] == "bullish" for r in out) == 3
+    assert json.loads((tmp_path / "gold.out.metrics.json").read_text())["support"] == 17
+
+    one = tmp_path / "one.jsonl"  # none in the label set: no metrics at all, and the line says so
+    one.write_text("\n" + json.dumps({"text": rows[0]["input"], "label": "bearish"}) + "\n")
+    _predict(one, tmp_path / "one.out.jsonl", ckpt=adapter)
+    err = capsys.readouterr().err
+    assert "; 1 gold label is not in negative/neutral/positive (first at line 2): no metrics are written (set " \
+           "data.labels to the file's labels)" in err, err
+    assert not list(tmp_path.glob("one.out.metrics*"))
+
+
+def test_every_file_predict_writes_has_the_modes_a_plain_open_gives(tmp_path, trained):
+    """labels, job record, metrics json / md / png (and a merged multi-rank output) get the modes the umask gives
+    a plain open(), like any file the user makes: not 0600 from a temp file."""
+    import os
+    import stat
+
+    from finllm_pl.predict import finish_output
+
+    _, adapter, _ = trained
+    old = os.umask(0o002)  # (not the usual 022: a mode hard-coded to 0644 would not pass either)
+    try:
+        plain = tmp_path / "plain"
+        open(plain, "w").close()
+        want = stat.S_IMODE(plain.stat().st_mode)
+        inp = tmp_path / "gold.jsonl"
+        inp.write_text("".join(json.dumps(r) + "\n" for r in _rows(6)))
+        _predict(inp, tmp_path / "gold.out.jsonl", ckpt=adapter)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob("gold.out*")}
+        assert set(modes) == {"gold.out.jsonl", "gold.out.jsonl.job.json", "gold.out.metrics.json",
+                              "gold.out.metrics.md", "gold.out.metrics_confusion.png"}
+        merged = tmp_path / "merged.jsonl"  # two ranks' parts merged into the output
+        for r in range(2):
+            part_path(str(merged), r).write_text(f'{{"id": "{r}"}}\n')
+            Path(f"{part_path(str(merged), r)}.json").write_text("{}")
+        finish_output(str(merged), 2, 1, {"input_path": None})
+        modes.update({p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob("merged.jsonl*")})
+        assert len(modes) == 7 and modes == dict.fromkeys(modes, want), \
+            (oct(want), {k: oct(v) for k, v in modes.items()})
+    finally:
+        os.umask(old)
+
+
+def test_the_readme_names_the_files_predict_writes():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Output layout"):]
+    assert "predictions/<input file>.labels.jsonl " in layout
+    assert "predictions/<input file>.labels.jsonl.job.json" in layout
+    assert "predictions/<input file>.labels.metrics.{json,md}" in layout
+    assert "predictions/<input file>.labels.metrics_confusion.png" in layout
+    assert ".metrics.{json,md,png}" not in readme  # (the image is .metrics_confusion.png)
