@@ -84,7 +84,7 @@ def load_base_model(
     quantization: Quantization = "nf4",
     compute_dtype: torch.dtype = torch.bfloat16,
     device: Optional[torch.device] = None,
-    attn_implementation: Optional[str] = "sdpa",
+    attn_implementation: Optional[str] = None,
     trust_remote_code: bool = False,
 ):
     """The base model, 4-bit (NF4/FP4, double quant) or plain, placed whole on `device`.

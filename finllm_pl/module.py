@@ -48,7 +48,7 @@ class FinLLM(L.LightningModule):
         model_name_or_path: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
         quantization: hf.Quantization = "nf4",
         compute_dtype: hf.DType = "auto",
-        attn_implementation: Optional[str] = "sdpa",
+        attn_implementation: Optional[str] = None,
         trust_remote_code: bool = False,
         adapter_path: Optional[str] = None,
         lora_r: int = 4,
@@ -79,7 +79,8 @@ class FinLLM(L.LightningModule):
             model_name_or_path: hub id, local model folder, or builtin:tiny-deepseek (built offline).
             quantization: nf4 / fp4 (4-bit bitsandbytes, double quant) or none (plain weights in compute_dtype).
             compute_dtype: auto (bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU), bfloat16, float16, float32.
-            attn_implementation: sdpa, eager, flash_attention_2, or null for the model's default.
+            attn_implementation: null (the model's own choice: sdpa for most, eager for Gemma2), sdpa, eager, or
+                flash_attention_2.
             trust_remote_code: run code shipped in the model folder (off: only built-in architectures load).
             adapter_path: a saved adapter folder to start from (fit) or to label with (validate/predict).
             lora_r: LoRA rank.

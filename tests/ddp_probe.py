@@ -39,3 +39,15 @@ class StepLosses(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_rank == 0:
             Path(self.path).write_text(json.dumps(self.by_step))
+
+
+class SaveAt(Callback):
+    """Saves a checkpoint to `path` after micro-batch `batch` of the first epoch (every rank takes part, as in any
+    save) and goes on training."""
+
+    def __init__(self, batch: int, path: str) -> None:
+        self.batch, self.path = batch, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0 and batch_idx == self.batch:
+            trainer.save_checkpoint(self.path)

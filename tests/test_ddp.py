@@ -392,3 +392,27 @@ def test_predict_stream_deals_each_row_to_exactly_one_rank(tmp_path, tiny_tokeni
     # a restart that recorded 1 finished chunk on each rank resumes at the rank's next chunk
     for r in range(world):
         assert [x for x in rows(r, start=1)] == [x for x in got[r] if x[0][0] // world >= 1]
+
+
+def test_a_checkpoint_saved_mid_window_resumes_every_rank_s_partial_window(ddp):
+    """Saved after the first micro-batch of a 2-micro-batch window on 2 ranks, a checkpoint holds what each rank
+    accumulated (their gradients differ: different rows), and a resume gives each rank its own back: the resumed
+    run's step and final adapter equal the uninterrupted run's. (Before: rank 0's partial gradients went to both
+    ranks, and the resumed step differed.)"""
+    d = ddp["dir"]
+    save = json.dumps({"class_path": "ddp_probe.SaveAt", "init_args": {"batch": 2, "path": "mid.ckpt"}})
+    args = ["fit", *FIT, *TWO, "--model.accumulate_grad_batches", "2", "--trainer.limit_train_batches", "4",
+            "--trainer.logger", "false", "--checkpoint.every_n_train_steps", "100"]
+    _ok(run_cli([*args, "--checkpoint.dirpath", "ck_mid_a", *losses_to("mid_a.json"), "--trainer.callbacks+=" + save], d))
+    mid = torch.load(d / "mid.ckpt", weights_only=True)
+    ranks = mid["finllm"]["window"]["ranks"]
+    assert mid["global_step"] == 1 and [r["micro"] for r in ranks] == [1, 1]
+    name = next(iter(ranks[0]["grads"]))
+    assert not torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name])  # each rank's own
+    _ok(run_cli([*args, "--checkpoint.dirpath", "ck_mid_b", *losses_to("mid_b.json"), "--ckpt_path", "mid.ckpt"], d))
+    a, b = step_log(d / "mid_a.json"), step_log(d / "mid_b.json")
+    assert b[2]["loss"] == pytest.approx(a[2]["loss"], rel=1e-6) and b[2]["grad_norm"] == pytest.approx(
+        a[2]["grad_norm"], rel=1e-5)
+    want, got = adapter_tensors(d / "ck_mid_a/last.ckpt"), adapter_tensors(d / "ck_mid_b/last.ckpt")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=k)

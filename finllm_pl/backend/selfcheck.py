@@ -189,6 +189,8 @@ def difference(a: dict, b: dict) -> dict[str, float]:
     return d
 
 
+WHAT = {"train_loss": "training loss differs", "val_loss": "validation loss differs",
+        "grads": "LoRA gradients differ", "scores": "label scores differ"}
 FP32_TOLERANCE = {"train_loss": 1e-4, "val_loss": 1e-4, "grads": 1e-3, "scores": 1e-3}
 LOW_FLOOR = {"train_loss": 2e-3, "val_loss": 2e-3, "grads": 2e-2, "scores": 2e-2}
 
@@ -205,10 +207,29 @@ def verdict(ref: dict, got: dict, truth: Optional[dict]) -> Optional[str]:
     if not bad:
         return None
     k, v = max(bad.items(), key=lambda kv: kv[1])
-    return f"its {k.replace('_', ' ')} differs from the plain path's by {v:.2g}"
+    return f"its {WHAT[k]} from the plain path's by {v:.2g}"
 
 
 # -- the check ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet():
+    """Building and loading a random stand-in is noisy (progress bars, 'dequantized in float32', init warnings);
+    the decision is what is reported. transformers' verbosity and progress bars are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def check(shape: RunShape, wanted: Sequence[str], make: Callable[..., FastBackend] = FastBackend) -> Decision:
     """Which of the `wanted` components this run may use (see the module's docstring)."""
     decision = Decision()
@@ -217,8 +238,7 @@ def check(shape: RunShape, wanted: Sequence[str], make: Callable[..., FastBacken
         return decision
     config = stand_in_config(shape.model_name_or_path, shape.trust_remote_code)
     low = shape.compute_dtype != torch.float32
-    with tempfile.TemporaryDirectory(prefix="finllm-stand-in-") as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (loading a random model is noisy; the decision is what is reported)
+    with tempfile.TemporaryDirectory(prefix="finllm-stand-in-") as folder, _quiet():
         _save_random(config, folder)
         train, val = batches(config, shape, shape.device)
         quantized = shape.quantization != "none"
