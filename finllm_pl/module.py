@@ -160,6 +160,7 @@ class FinLLM(L.LightningModule):
                                  "32-true", hp.gradient_checkpointing, agree)
         for line in decision.lines() if hp.backend == "fast" else ():
             rank_zero_info(line)
+        self.decision = decision  # (what the self-check kept and why it dropped the rest: for reports)
         self.tokenizer = hf.load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
         lora = {"r": hp.lora_r, "alpha": hp.lora_alpha, "dropout": hp.lora_dropout,
                 "target_modules": hp.lora_target_modules, "use_dora": hp.use_dora}
