@@ -202,6 +202,8 @@ class Calibration:
     w: Optional[list[float]] = None
     b: Optional[list[float]] = None
     labels: Optional[list[str]] = None
+    prior: Optional[list[float]] = None  # label frequencies of the rows fitted on: the prior the calibrated
+    #                                      probabilities hold (label-shift adaptation starts from it)
     fitted_on: dict = field(default_factory=dict)
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
@@ -215,6 +217,10 @@ class Calibration:
         for name in ("fitted_on", "before", "after"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be an object, got {getattr(self, name)!r}")
+        prior = self.prior
+        if prior is not None and not (isinstance(prior, list) and prior and all(
+                isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in prior)):
+            raise ValueError(f"prior must be a list of positive numbers, got {prior!r}")
         names = self.labels
         if names is not None and not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
             raise ValueError(f"labels must be a list of label names, got {names!r}")
@@ -236,6 +242,9 @@ class Calibration:
         else:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         cal.labels = list(label_names) if label_names is not None else None
+        counts = torch.bincount(torch.as_tensor(labels).long().cpu(), minlength=torch.as_tensor(scores).shape[-1])
+        # (a class the rows never show gets a small share, not 0: EM could not reweight it otherwise)
+        cal.prior = ((counts.double() + 0.5) / (counts.sum() + 0.5 * len(counts))).tolist()
         cal.fitted_on = {"rows": int(torch.as_tensor(labels).shape[0]), "source": source}
         report = calibration_report(scores, labels, cal)
         cal.before, cal.after = report["before"], report["after"]
@@ -248,7 +257,8 @@ class Calibration:
             return torch.log_softmax(s / self.temperature, -1)
         if s.shape[-1] != len(self.w):
             raise ValueError(f"scores have {s.shape[-1]} labels, this calibration was fitted on {len(self.w)}")
-        w, b = torch.tensor(self.w, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64)
+        w = torch.tensor(self.w, dtype=torch.float64, device=s.device)
+        b = torch.tensor(self.b, dtype=torch.float64, device=s.device)
         return torch.log_softmax(s * w + b, -1)
 
     def to_json(self) -> str:

@@ -330,6 +330,7 @@ class InstructionDataModule(L.LightningDataModule):
         predict_output: Optional[str] = None,
         keep_fields: Optional[list[str]] = None,
         overwrite: bool = False,
+        review_below: Optional[float] = None,
         tokenizer: str = "builtin:tiny-deepseek",
         trust_remote_code: bool = False,
         prompt_style: PromptStyle = "auto",
@@ -360,6 +361,8 @@ class InstructionDataModule(L.LightningDataModule):
             keep_fields: input fields copied into each predict output row (JSONL keys or CSV columns; `text` is the
                 input text in every format, and the only field of plain-text input), e.g. [id, date, ticker].
             overwrite: let `predict` replace an output that belongs to another input (default: refuse).
+            review_below: predict also writes the rows whose confidence (top probability) is under this to
+                <output>.review.jsonl, for a person to label first. null = no review file.
             tokenizer: tokenizer to load (linked to model.model_name_or_path; do not set it twice).
             trust_remote_code: allow code from the model folder (linked to model.trust_remote_code).
             prompt_style: auto (chat template when the tokenizer has one), chat, or plain Instruction/Input/Answer.
@@ -389,6 +392,8 @@ class InstructionDataModule(L.LightningDataModule):
                             ("data.max_length", max_length), ("data.predict_chunk_rows", predict_chunk_rows)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        if review_below is not None and not 0 < review_below <= 1:
+            raise ConfigError(f"data.review_below must be in (0, 1] (a confidence), got {review_below}")
         if eval_batch_tokens is not None and eval_batch_tokens < 1:
             raise ConfigError(f"data.eval_batch_tokens must be >= 1 or null, got {eval_batch_tokens}")
         if not 0.0 <= val_fraction < 1.0:
@@ -505,7 +510,8 @@ class InstructionDataModule(L.LightningDataModule):
         _, world = self._rank_world()
         expect = {"version": PROGRESS_VERSION, "input": input_fingerprint(hp.predict_path), "labels": list(hp.labels),
                   "world": world, "chunk_rows": hp.predict_chunk_rows, "prompt": self.build_formatter().fingerprint(),
-                  "keep_fields": check_keep_fields(hp.keep_fields), "model": self.predict_model}
+                  "keep_fields": check_keep_fields(hp.keep_fields), "model": self.predict_model,
+                  "review_below": hp.review_below}
         return output, expect
 
     def _predict_stream(self):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from . import backend as backends
 from . import model as hf
+from .calibration import Calibration, brier_score, expected_calibration_error
 from .errors import ConfigError, FinLLMError, ModelError
 from .metrics import label_metrics, summarize
 from .prompts import DEFAULT_LABELS
@@ -70,6 +71,9 @@ class FinLLM(L.LightningModule):
         fast_skip: list[str] = [],
         chunk_tokens: Optional[int] = None,
         merge_for_labeling: bool = False,
+        calibration: Literal["temperature", "vector", "none"] = "temperature",
+        use_calibration: bool = True,
+        prior_shift: Union[Literal["none", "em"], list[float]] = "none",
         labels: list[str] = list(DEFAULT_LABELS),
         predict_mode: Literal["score", "generate"] = "score",
         max_new_tokens: int = 16,
@@ -107,6 +111,13 @@ class FinLLM(L.LightningModule):
             merge_for_labeling: validate/predict: fold the adapter into the base weights first (faster; scores
                 equal up to bf16 rounding). Needs full-precision base weights (quantization none, or fast's
                 dequantize).
+            calibration: fit at the end of fit, on the validation set's label scores, and saved beside the adapter
+                (calibration.json): temperature (one number; labels unchanged), vector (a scale and bias per label;
+                can move labels), or none.
+            use_calibration: validate/predict apply the adapter's calibration.json when it has one.
+            prior_shift: predict: re-weight every row's probabilities to the label mix of the file it labels, none,
+                em (estimated from the file itself, no labels needed; Saerens et al. 2002), or a prior you give
+                ([0.2, 0.5, 0.3], in data.labels order).
             labels: the label set scored by validation and predict (linked to data.labels).
             predict_mode: score (the label with the highest log P(label + EOS | prompt); always a valid label, with
                 probabilities) or generate (greedy free text, parsed; no single label named -> label null).
@@ -125,7 +136,11 @@ class FinLLM(L.LightningModule):
                              (merge_for_labeling and quantization != "none" and (backend != "fast" or "dequantize"
                                                                                    in fast_skip),
                               "merge_for_labeling folds the adapter into full-precision base weights: use "
-                              "model.backend fast (it holds the base dequantized) or model.quantization none")):
+                              "model.backend fast (it holds the base dequantized) or model.quantization none"),
+                             (isinstance(prior_shift, list) and (len(prior_shift) != len(labels) or min(prior_shift) <= 0
+                                                                 or abs(sum(prior_shift) - 1) > 1e-3),
+                              f"prior_shift: a prior has one positive share per label ({len(labels)}), summing to 1; "
+                              f"got {prior_shift}")):
             if bad:
                 raise ConfigError(f"model.{message}")
         self.save_hyperparameters()
@@ -140,6 +155,8 @@ class FinLLM(L.LightningModule):
         self._restored: dict[str, Any] = {}  # a checkpoint's RNG and window, until the first step
         self._resumed_step: Optional[int] = None  # the optimizer step fit resumed from
         self._merged = False
+        self.calibration: Optional[Calibration] = None  # the adapter's, applied in validate/predict
+        self.last_validation: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (scores, gold) of all ranks
 
     # -- build ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -169,9 +186,28 @@ class FinLLM(L.LightningModule):
                               hp.gradient_checkpointing, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         self.backend = backends.make(hp.backend, self.model, dtype, decision, hp.chunk_tokens)
         self.metrics = label_metrics(len(hp.labels)).to(device)
+        self.calibration = self._load_calibration() if hp.use_calibration else None
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         rank_zero_info(f"model {hp.model_name_or_path}: {n_train:,} trainable parameters, quantization="
                        f"{hp.quantization}, compute dtype={dtype}, backend {self.backend.describe()}")
+
+    def _load_calibration(self) -> Optional[Calibration]:
+        """The calibration.json of the adapter (or merged model folder) this run labels with, if any."""
+        hp = self.hparams
+        folder = hp.adapter_path or (hp.model_name_or_path if os.path.isdir(hp.model_name_or_path) else None)
+        calibration = Calibration.load(folder) if folder else None
+        if calibration is not None and calibration.labels and list(calibration.labels) != list(hp.labels):
+            raise ModelError(f"{folder}/calibration.json was fitted for the labels {calibration.labels}, this run labels "
+                             f"{list(hp.labels)}; set data.labels to match, or model.use_calibration false")
+        if calibration is not None:
+            rank_zero_info(f"calibration: {folder}/calibration.json ({calibration.kind}) applied to the label scores")
+        return calibration
+
+    def calibrated(self, scores: torch.Tensor) -> torch.Tensor:
+        """Label log-probabilities as the run reports them: the calibration's, or log_softmax of the scores."""
+        if self.calibration is not None:
+            return self.calibration.apply(scores).float()
+        return torch.log_softmax(scores.float(), -1)
 
     def _max_length(self) -> int:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -319,6 +355,7 @@ class FinLLM(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._merge_for_labeling()
         self._val = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._val_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.metrics.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -328,7 +365,8 @@ class FinLLM(L.LightningModule):
         self._val += torch.stack([loss.detach().double(), n.double()])
         keep = batch["gold"] >= 0
         if keep.any():
-            self.metrics.update(scores.argmax(-1)[keep], batch["gold"][keep])
+            self.metrics.update(self.calibrated(scores).argmax(-1)[keep], batch["gold"][keep])
+            self._val_rows.append((scores[keep].float(), batch["gold"][keep]))
 
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val, reduce_op="sum")
@@ -338,7 +376,32 @@ class FinLLM(L.LightningModule):
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=True, rank_zero_only=True)
         for k in ("accuracy", "f1_macro", "f1_weighted"):
             self.log(f"val/{k}", float(values[k]), prog_bar=k == "f1_weighted", sync_dist=True, rank_zero_only=True)
-        self.last_report = summarize(values, self.hparams.labels, {"val_loss": val_loss})
+        extra = {"val_loss": val_loss}
+        self.last_validation = self._gather_scores()
+        if self.last_validation is not None:  # how far the (calibrated) probabilities are from the frequencies
+            scores, gold = self.last_validation
+            probs = self.calibrated(scores).exp()
+            extra.update(ece=expected_calibration_error(probs, gold), brier=brier_score(probs, gold),
+                         calibrated=self.calibration is not None)
+            for k in ("ece", "brier"):
+                self.log(f"val/{k}", extra[k], sync_dist=True, rank_zero_only=True)
+        self.last_report = summarize(values, self.hparams.labels, extra)
+
+    def _gather_scores(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(label scores [N, K], gold [N]) of every rank's counted validation rows, on the CPU (every rank calls)."""
+        k = len(self.hparams.labels)
+        scores = torch.cat([s for s, _ in self._val_rows]) if self._val_rows else torch.zeros(0, k, device=self.device)
+        gold = torch.cat([g for _, g in self._val_rows]) if self._val_rows else torch.zeros(0, dtype=torch.long,
+                                                                                               device=self.device)
+        if self.trainer.world_size > 1:  # ranks hold different numbers of rows: pad to the largest, then cut
+            n = self.all_gather(torch.tensor(len(gold), device=self.device)).reshape(-1)
+            most = int(n.max())
+            scores = torch.cat([scores, scores.new_zeros(most - len(gold), k)])
+            gold = torch.cat([gold, gold.new_full((most - len(gold),), -1)])
+            scores, gold = self.all_gather(scores), self.all_gather(gold)
+            scores = torch.cat([scores[r, : int(n[r])] for r in range(len(n))])
+            gold = torch.cat([gold[r, : int(n[r])] for r in range(len(n))])
+        return (scores.cpu(), gold.cpu()) if len(gold) else None
 
     def on_predict_epoch_start(self) -> None:
         self._merge_for_labeling()
@@ -347,7 +410,7 @@ class FinLLM(L.LightningModule):
         if self.hparams.predict_mode == "generate":
             return {"rows": batch["rows"], "texts": self._generate(batch["prompt_ids"], batch["prompt_mask"])}
         with self.backend.labeling():
-            scores = self.backend.score(batch).float()
+            scores = self.calibrated(self.backend.score(batch))
         if scores.device.type != "cuda":
             return {"rows": batch["rows"], "scores": scores.cpu()}
         # Copied into pinned memory without waiting: the writer reads the scores one batch later (the event says when

@@ -357,6 +357,7 @@ class PredictionWriter(BasePredictionWriter):
         stream = getattr(trainer.predict_dataloaders, "dataset", None)
         asked = getattr(stream, "asked", None) or getattr(stream, "created", None)
         self.first_batch_s = self.t0 - asked if asked is not None else None
+        self.finisher = Finisher.for_run(trainer, pl_module, self.labels)
         self.done_before = finished_earlier(self.output, self.world, self.expect)  # the data yields nothing then
         if self.done_before:
             return
@@ -389,9 +390,7 @@ class PredictionWriter(BasePredictionWriter):
             if fields is not None:
                 rec.update(fields[j])
             if probs is not None:
-                p = probs[j]
-                rec["label"] = self.labels[max(range(len(p)), key=p.__getitem__)]  # (first of equals, as argmax)
-                rec["probs"] = {lab: round(x, 6) for lab, x in zip(self.labels, p)}
+                rec.update(scored_fields(probs[j], self.labels))
             else:
                 rec["label"] = parse_generated(prediction["texts"][j], self.labels)
                 rec["generated"] = prediction["texts"][j]
@@ -439,22 +438,23 @@ class PredictionWriter(BasePredictionWriter):
                 write_job(self.output, self.job)
                 _remove_progress(self.output, self.world)
             else:
-                finish_output(self.output, self.world, self.expect["chunk_rows"], self.job)
+                finish_output(self.output, self.world, self.expect["chunk_rows"], self.job, self.finisher)
             self.report = prediction_report(self.output, self.labels)
-            _announce(self.output, self.report, self.speed, self.outside_at, self.labels)
+            _announce(self.output, self.report, self.speed, self.outside_at, self.labels, self.finisher)
         trainer.strategy.barrier()
 
 
-def finish_output(output: str, world: int, chunk_rows: int, job: Optional[dict[str, Any]] = None) -> None:
-    """Turn the rank part files into the output: chunk c (`chunk_size` rows) sits in part c % world; rename when
-    world is 1. Then the job record (`job`, when given) and, last, the removal of the progress files."""
+def finish_output(output: str, world: int, chunk_rows: int, job: Optional[dict[str, Any]] = None,
+                  finisher: Optional["Finisher"] = None) -> None:
+    """Turn the rank part files into the output: chunk c (`chunk_size` rows) sits in part c % world (one part:
+    renamed), through `finisher` when it rewrites the rows (label shift), then its review file, the job record
+    (`job`, when given) and, last, the removal of the progress files."""
     parts = [part_path(output, r) for r in range(world)]
-    if world == 1:
-        os.replace(parts[0], output)
-        fsync_dir(Path(output).parent)
-    else:
+    merged = parts[0]
+    if world > 1:
+        merged = Path(f"{output}.merged")
         files = [open(p, "rb") for p in parts]
-        with atomic_file(output, "wb") as out:
+        with atomic_file(merged, "wb") as out:
             c = 0
             while True:
                 lines = list(islice(files[c % world], chunk_size(c, chunk_rows, world)))
@@ -464,11 +464,112 @@ def finish_output(output: str, world: int, chunk_rows: int, job: Optional[dict[s
                 c += 1
         for f in files:
             f.close()
-        for p in parts:
-            p.unlink()
+    if finisher is not None and finisher.rewrites:
+        finisher.rewrite(merged, output)
+        merged.unlink()
+    else:
+        os.replace(merged, output)
+        fsync_dir(Path(output).parent)
+    for p in parts:
+        p.unlink(missing_ok=True)
+    if finisher is not None:
+        finisher.review(output)
+    else:
+        Path(f"{output}.review.jsonl").unlink(missing_ok=True)  # (one an earlier job of this output left)
     if job is not None:
         write_job(output, job)
     _remove_progress(output, world)  # a kill before this line leaves a state finished_earlier() recognises
+
+
+def scored_fields(p: Sequence[float], labels: Sequence[str]) -> dict[str, Any]:
+    """An output row's label (the first of equals, as argmax), probabilities, confidence (the top probability)
+    and margin (top minus second: how close the call was)."""
+    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    return {"label": labels[order[0]], "probs": {lab: round(x, 6) for lab, x in zip(labels, p)},
+            "confidence": round(p[order[0]], 6), "margin": round(p[order[0]] - p[order[1]], 6) if len(p) > 1 else 1.0}
+
+
+class Finisher:
+    """What predict does to the finished rows (rank 0): label-shift adaptation (model.prior_shift: every row's
+    probabilities re-weighted to the label mix of this file, estimated by EM or given; the model's own are kept as
+    probs_model) and the review queue (data.review_below: the rows under that confidence also go to
+    <output>.review.jsonl; the expected accuracy of each side is its mean calibrated confidence)."""
+
+    def __init__(self, labels: Sequence[str], prior_shift: Any = "none", train_prior: Optional[Sequence[float]] = None,
+                 review_below: Optional[float] = None, calibrated: bool = False) -> None:
+        self.labels, self.prior_shift, self.train_prior = list(labels), prior_shift, train_prior
+        self.review_below, self.calibrated = review_below, calibrated
+        self.rewrites = prior_shift not in (None, "none")
+        self.shift: Optional[dict[str, Any]] = None
+        self.reviewed: Optional[dict[str, Any]] = None
+
+    @classmethod
+    def for_run(cls, trainer, pl_module, labels: Sequence[str]) -> Optional["Finisher"]:
+        hp = getattr(pl_module, "hparams", {})
+        dm = getattr(trainer, "datamodule", None)
+        shift = hp.get("prior_shift", "none") if hasattr(hp, "get") else "none"
+        review = getattr(dm, "hparams", {}).get("review_below") if dm is not None else None
+        if shift in (None, "none") and review is None:
+            return None
+        if hp.get("predict_mode", "score") != "score":
+            raise ConfigError("model.prior_shift and data.review_below need label probabilities: use "
+                              "model.predict_mode score")
+        calibration = getattr(pl_module, "calibration", None)
+        prior = calibration.prior if calibration is not None else None
+        if shift not in (None, "none") and prior is None:
+            raise ConfigError("model.prior_shift re-weights calibrated probabilities from the prior they were "
+                              "calibrated under, and this model has no calibration.json with one: fit with a "
+                              "validation set (model.calibration temperature), or run `calibrate`")
+        return cls(labels, shift, prior, review, calibrated=calibration is not None)
+
+    def rewrite(self, src: Path, output: str) -> None:
+        from .prior_shift import adjust_to_prior, em_prior
+
+        rows = [json.loads(line) for line in open(src, encoding="utf-8")]
+        probs = torch.tensor([[r["probs"][k] for k in self.labels] for r in rows], dtype=torch.float64)
+        probs = probs / probs.sum(-1, keepdim=True)  # (the file rounds to 6 decimals)
+        train = torch.tensor(self.train_prior, dtype=torch.float64)
+        if self.prior_shift == "em":
+            prior, adjusted, iterations = em_prior(probs, train)
+        else:
+            prior, iterations = torch.tensor(self.prior_shift, dtype=torch.float64), 0
+            adjusted = adjust_to_prior(probs, train, prior)
+        changed = 0
+        with atomic_file(output, "w", encoding="utf-8") as out:
+            for r, p in zip(rows, adjusted.tolist()):
+                before = r["label"]
+                r["probs_model"] = r["probs"]
+                r.update(scored_fields(p, self.labels))
+                changed += r["label"] != before
+                out.write(json.dumps(r, ensure_ascii=False) + "\n")
+        self.shift = {"how": "em" if self.prior_shift == "em" else "given", "prior": prior.tolist(),
+                      "training_prior": train.tolist(), "iterations": iterations, "labels_changed": changed}
+
+    def review(self, output: str) -> None:
+        path = Path(f"{output}.review.jsonl")
+        if self.review_below is None:
+            path.unlink(missing_ok=True)  # (one an earlier job of this output left)
+            return
+        below = above = n_below = n_above = right_below = right_above = 0
+        gold = True
+        with open(output, encoding="utf-8") as f, atomic_file(path, "w", encoding="utf-8") as out:
+            for line in f:
+                rec = json.loads(line)
+                under = rec["confidence"] < self.review_below
+                if under:
+                    out.write(line)
+                    n_below, below = n_below + 1, below + rec["confidence"]
+                    right_below += rec.get("gold") == rec["label"]
+                else:
+                    n_above, above = n_above + 1, above + rec["confidence"]
+                    right_above += rec.get("gold") == rec["label"]
+                gold = gold and "gold" in rec
+        self.reviewed = {"path": str(path), "rows": n_below, "threshold": self.review_below, "rows_above": n_above,
+                         "expected_accuracy_below": below / n_below if n_below else None,
+                         "expected_accuracy_above": above / n_above if n_above else None}
+        if gold:
+            self.reviewed.update(accuracy_below=right_below / n_below if n_below else None,
+                                 accuracy_above=right_above / n_above if n_above else None)
 
 
 def _remove_progress(output: str, world: int) -> None:
@@ -539,7 +640,7 @@ def prediction_report(output: str, labels: Sequence[str], block: int = 65536) ->
 
 
 def _announce(output: str, report: dict[str, Any], speed: Optional[dict[str, float]] = None,
-              outside_at: Optional[int] = None, labels: Sequence[str] = ()) -> None:
+              outside_at: Optional[int] = None, labels: Sequence[str] = (), finisher: Optional[Finisher] = None) -> None:
     """One line on stderr; with gold labels, the metrics as JSON + Markdown + PNG beside the output. Gold labels
     outside the label set are said there too (count, first line): they are left out of the metrics."""
     from .metrics import write_report
@@ -552,6 +653,18 @@ def _announce(output: str, report: dict[str, Any], speed: Optional[dict[str, flo
         line += ")"
     if report["unparsed"]:
         line += f"; {report['unparsed']} generated answers named no single label (label null)"
+    if finisher is not None and finisher.shift is not None:
+        sh = finisher.shift
+        mix = lambda q: "/".join(f"{x:.2f}" for x in q)  # noqa: E731
+        line += (f"; label shift ({'estimated by EM' if sh['how'] == 'em' else 'given'}): prior {mix(sh['prior'])} "
+                 f"vs {mix(sh['training_prior'])} calibrated on ({'/'.join(labels)}), {sh['labels_changed']} labels "
+                 "changed (the model's own probabilities: probs_model)")
+    if finisher is not None and finisher.reviewed is not None:
+        rv = finisher.reviewed
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        line += (f"; {rv['rows']} rows under confidence {rv['threshold']:g} -> {rv['path']} (expected accuracy "
+                 f"{fmt(rv['expected_accuracy_below'])} there, {fmt(rv['expected_accuracy_above'])} above"
+                 + ("" if finisher.calibrated else ", from uncalibrated probabilities") + ")")
     if report["gold_outside_labels"]:
         n = report["gold_outside_labels"]
         line += (f"; {n} gold label{' is' if n == 1 else 's are'} not in {'/'.join(labels)}"

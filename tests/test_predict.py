@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import threading
 import time
 import types
@@ -384,9 +385,9 @@ def test_a_kill_after_the_output_is_in_place_does_not_relabel(tmp_path, trained,
     out = tmp_path / "in.labels.jsonl"
     real = P.finish_output
 
-    def killed_after_replace(output, world, chunk_rows, job=None):  # the output lands, then the process "dies"
+    def killed_after_replace(output, world, chunk_rows, job=None, finisher=None):  # the output lands, then "dies"
         saved = {q: q.read_bytes() for q in Path(output).parent.glob("*.part*.json")}
-        real(output, world, chunk_rows, job)
+        real(output, world, chunk_rows, job, finisher)
         for q, data in saved.items():
             q.write_bytes(data)
 
@@ -737,3 +738,90 @@ def test_the_readme_names_the_files_predict_writes():
     assert "predictions/<input file>.labels.metrics.{json,md}" in layout
     assert "predictions/<input file>.labels.metrics_confusion.png" in layout
     assert ".metrics.{json,md,png}" not in readme  # (the image is .metrics_confusion.png)
+
+
+# -- issue 27: probabilities users can act on: calibration, a review queue, label-shift adaptation -------------------
+def _adapter_with(adapter: Path, tmp: Path, **calibration) -> Path:
+    """A copy of the adapter folder with a calibration.json of the given fields."""
+    from finllm_pl.calibration import Calibration
+
+    copy = tmp / f"adapter_{len(list(tmp.glob('adapter_*')))}"
+    shutil.copytree(adapter, copy)
+    Calibration(**calibration).save(copy)
+    return copy
+
+
+def test_rows_carry_confidence_and_margin_and_the_adapter_s_calibration_is_applied(tmp_path, trained):
+    """Every row: confidence = its top probability, margin = top minus second. With a calibration.json (T = 2)
+    beside the adapter, predict's probabilities are softmax(scores / 2): the uncalibrated log-probabilities halved
+    and renormalised; model.use_calibration false ignores it."""
+    _, adapter, _ = trained
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": r["input"], "label": r["output"]}) + "\n" for r in _rows(12)))
+    hot = _adapter_with(adapter, tmp_path, temperature=2.0, labels=["negative", "neutral", "positive"])
+    raw = _predict(inp, tmp_path / "raw.jsonl", ckpt=adapter)
+    off = _predict(inp, tmp_path / "off.jsonl", "--model.use_calibration", "false", ckpt=hot)
+    cal = _predict(inp, tmp_path / "cal.jsonl", ckpt=hot)
+    labels = ["negative", "neutral", "positive"]
+    for r, o, c in zip(raw, off, cal):
+        p = sorted(r["probs"].values(), reverse=True)
+        assert r["confidence"] == pytest.approx(p[0], abs=1e-6) and r["margin"] == pytest.approx(p[0] - p[1], abs=2e-6)
+        assert o["probs"] == r["probs"]
+        want = torch.softmax(torch.log(torch.tensor([r["probs"][k] for k in labels], dtype=torch.float64)) / 2, -1)
+        assert [c["probs"][k] for k in labels] == pytest.approx(want.tolist(), abs=2e-5)
+        assert c["label"] == r["label"]  # (a temperature never moves the label)
+    assert any(c["confidence"] < r["confidence"] - 1e-3 for r, c in zip(raw, cal))  # it did flatten
+
+
+def test_the_review_file_holds_exactly_the_rows_under_the_threshold(tmp_path, trained, capsys):
+    _, adapter, _ = trained
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": r["input"], "label": r["output"]}) + "\n" for r in _rows(23)))
+    out = tmp_path / "out.jsonl"
+    rows = _predict(inp, out, ckpt=adapter)
+    threshold = sorted(r["confidence"] for r in rows)[len(rows) // 2]  # about half of the rows under it
+    out.unlink()
+    for p in tmp_path.glob("out.jsonl.*"):
+        p.unlink()
+    capsys.readouterr()
+    rows = _predict(inp, out, "--data.review_below", str(threshold), ckpt=adapter)
+    review = [json.loads(line) for line in open(f"{out}.review.jsonl")]
+    assert review == [r for r in rows if r["confidence"] < threshold] and 0 < len(review) < len(rows)
+    expected = sum(r["confidence"] for r in review) / len(review)
+    assert (f"{len(review)} rows under confidence {threshold:g} -> {out}.review.jsonl (expected accuracy "
+            f"{expected:.2f} there") in capsys.readouterr().err
+    # the same output again without a threshold: no review file beside it (not a stale one)
+    _predict(inp, out, "--data.overwrite", "true", ckpt=adapter)
+    assert not Path(f"{out}.review.jsonl").exists()
+
+
+def test_label_shift_reweights_to_the_file_s_own_label_mix(tmp_path, trained, capsys):
+    """model.prior_shift em: the rows' probabilities re-weighted to the prior EM estimates from the file (the
+    model's own kept as probs_model), the summary names both priors; a given prior re-weights to it; without a
+    calibration.json (no prior to start from) it refuses with one line before labeling."""
+    from finllm_pl.prior_shift import adjust_to_prior, em_prior
+
+    _, adapter, _ = trained
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": r["input"]}) + "\n" for r in _rows(23)))
+    labels = ["negative", "neutral", "positive"]
+    train = [0.2, 0.5, 0.3]
+    cal = _adapter_with(adapter, tmp_path, temperature=1.0, labels=labels, prior=train)
+    plain = _predict(inp, tmp_path / "plain.jsonl", ckpt=cal)
+    capsys.readouterr()
+    shifted = _predict(inp, tmp_path / "em.jsonl", "--model.prior_shift", "em", ckpt=cal)
+    probs = torch.tensor([[r["probs"][k] for k in labels] for r in plain], dtype=torch.float64)
+    prior, want, _ = em_prior(probs / probs.sum(-1, keepdim=True), torch.tensor(train, dtype=torch.float64))
+    for r, s, w in zip(plain, shifted, want.tolist()):
+        assert s["probs_model"] == r["probs"]
+        assert [s["probs"][k] for k in labels] == pytest.approx(w, abs=2e-6)
+        assert s["label"] == labels[max(range(3), key=w.__getitem__)]
+    err = capsys.readouterr().err
+    assert "label shift (estimated by EM): prior " + "/".join(f"{x:.2f}" for x in prior.tolist()) in err
+    given = _predict(inp, tmp_path / "given.jsonl", "--model.prior_shift", "[0.6, 0.2, 0.2]", ckpt=cal)
+    want = adjust_to_prior(probs / probs.sum(-1, keepdim=True), torch.tensor(train), torch.tensor([0.6, 0.2, 0.2]))
+    got = torch.tensor([[g["probs"][k] for k in labels] for g in given], dtype=torch.float64)
+    assert (got - want).abs().max() < 2e-6
+    with pytest.raises(SystemExit):
+        _predict(inp, tmp_path / "none.jsonl", "--model.prior_shift", "em", ckpt=adapter)
+    assert "model.prior_shift" in capsys.readouterr().err
