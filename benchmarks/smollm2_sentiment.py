@@ -28,7 +28,6 @@ import random
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -149,16 +148,80 @@ def default_adapter(config: str, overrides: list[str]) -> str:
     return str(Path(dirpath) / "adapter")
 
 
+# -- (f) calibration and label shift ----------------------------------------------------------------------------
+SHIFT_POSITIVE = 0.6  # the label mix of the shifted test file: 60% positive (the training parts are ~22%)
+
+
+def shifted_sample(rows: list[dict], share: float, label: str = "positive") -> list[dict]:
+    """As many rows as keep every `label` row and make them `share` of the sample, the others drawn (seeded) in
+    their own proportions: a file whose label mix differs from training, rows unchanged."""
+    rng = random.Random(SEED)
+    pos = [r for r in rows if r["output"] == label]
+    rest = [r for r in rows if r["output"] != label]
+    n_rest = min(len(rest), round(len(pos) * (1 - share) / share))
+    sample = pos + rng.sample(rest, n_rest)
+    rng.shuffle(sample)
+    return sample
+
+
+def calibration_and_shift(config: str, tests: dict, adapter: str, work: Path, eval_over: list[str]) -> dict:
+    """ECE / Brier on each test part without and with the adapter's calibration.json; then predict on a test file
+    shifted to SHIFT_POSITIVE positive and on the test parts as they are (the training mix), with model.prior_shift
+    none and em: accuracy / weighted-F1 from predict's own metrics, and the prior EM estimated."""
+    out = {"calibration_file": json.loads(Path(adapter, "calibration.json").read_text())
+           if Path(adapter, "calibration.json").exists() else None, "ece": {}, "shift": {}}
+    for src, test in tests.items():
+        for use in ("false", "true"):
+            report, _ = evaluate(config, test, work / "eval" / f"cal_{use}_{src}", adapter,
+                                 [*eval_over, f"--model.use_calibration={use}"])
+            out["ece"].setdefault(src, {})["calibrated" if use == "true" else "raw"] = {
+                k: report.get(k) for k in ("ece", "brier", "accuracy", "f1_weighted", "rows")}
+    rows = [r for t in tests.values() for r in read_jsonl(t)]
+    files = {"shifted": shifted_sample(rows, SHIFT_POSITIVE), "matched": rows}
+    for name, sample in files.items():
+        path = work / f"shift_{name}.jsonl"
+        write_jsonl_atomic(sample, path)
+        mix = {lab: sum(r["output"] == lab for r in sample) / len(sample) for lab in ("negative", "neutral", "positive")}
+        for how in ("none", "em"):
+            pred = work / f"shift_{name}_{how}.labels.jsonl"
+            run_cli(["predict", "--config", config, f"--ckpt_path={adapter}", f"--data.predict_path={path}",
+                     f"--data.predict_output={pred}", "--data.overwrite=true", f"--model.prior_shift={how}",
+                     *eval_over])
+            metrics = json.loads(Path(f"{str(pred).removesuffix('.jsonl')}.metrics.json").read_text())
+            first = json.loads(open(pred).readline())
+            out["shift"].setdefault(name, {"rows": len(sample), "true_mix": mix})[how] = {
+                "accuracy": metrics["accuracy"], "f1_weighted": metrics["f1_weighted"], "f1_macro": metrics["f1_macro"]}
+            if how == "em":
+                probs = [json.loads(line)["probs"] for line in open(pred)]
+                out["shift"][name]["predicted_mix_em"] = {lab: sum(p[lab] for p in probs) / len(probs)
+                                                         for lab in ("negative", "neutral", "positive")}
+            del first
+    return out
+
+
+def calibration_markdown(cal: dict) -> list[str]:
+    lines = ["## Calibration and label shift", "",
+             "| source | ECE raw | ECE calibrated | Brier raw | Brier calibrated | rows |", "|---|---|---|---|---|---|"]
+    for src, r in cal["ece"].items():
+        lines.append(f"| {src} | {r['raw']['ece']:.4f} | {r['calibrated']['ece']:.4f} | {r['raw']['brier']:.4f} | "
+                     f"{r['calibrated']['brier']:.4f} | {r['raw']['rows']} |")
+    lines += ["", "| test file | true mix neg/neu/pos | prior_shift | accuracy | weighted-F1 | macro-F1 |",
+              "|---|---|---|---|---|---|"]
+    for name, r in cal["shift"].items():
+        mix = "/".join(f"{v:.2f}" for v in r["true_mix"].values())
+        for how in ("none", "em"):
+            m = r[how]
+            lines.append(f"| {name} ({r['rows']} rows) | {mix} | {how} | {m['accuracy']:.4f} | {m['f1_weighted']:.4f} | "
+                         f"{m['f1_macro']:.4f} |")
+    return lines + [""]
+
+
 # -- (e) results ---------------------------------------------------------------------------------------------
 def atomic_write(path: Path, data: bytes) -> None:
+    from finllm_pl.files import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; results are for everyone to read
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 def hardware() -> str:
@@ -202,7 +265,8 @@ def to_markdown(res: dict) -> str:
     lines += [f"- hardware: {res['hardware']}", f"- versions: {res['versions']}",
               f"- adapter: `{res.get('adapter')}`", f"- split rows: {res['split']['counts']}",
               f"- confusion matrices: {', '.join(res.get('images', [])) or 'none'}",
-              "", "## Commands", "", "```", *res["commands"], "```", ""]
+              ""] + (calibration_markdown(res["calibration"]) if res.get("calibration") else []) + [
+              "## Commands", "", "```", *res["commands"], "```", ""]
     return "\n".join(lines)
 
 
@@ -219,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train-rows", type=int, help="train on a seeded sample of N rows (quick checks)")
     p.add_argument("--max-test-rows", type=int, help="score a seeded sample of N rows per test file (and of val)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="passed to fit as --KEY=VALUE")
+    p.add_argument("--calibration", action="store_true", help="also: ECE with and without the adapter's calibration, "
+                   "and the label-shift experiment (predict on a 60%%-positive test file, prior_shift none vs em)")
     p.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to every validate as --KEY=VALUE (e.g. data.eval_batch_size=128)")
     a = p.parse_args(argv)
@@ -275,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             res.pop("train", None)  # timings of the run that made another adapter
         res["adapter"] = adapter
         score("tuned", adapter)
+        if a.calibration:
+            res["calibration"] = calibration_and_shift(a.config, tests, adapter, work, eval_over)
     res["commands"] = list(dict.fromkeys(res.get("commands", []) + [script] + COMMANDS))  # ordered, no repeats
 
     atomic_write(out / "results.json", (json.dumps(res, indent=2) + "\n").encode())
