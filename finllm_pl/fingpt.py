@@ -51,7 +51,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .prepare import (DEFAULT_INSTRUCTION, LABELS, PrepareError, _clean_text, _csv_records, _jsonl_records, _to_float,
+from .prepare import (DEFAULT_INSTRUCTION, LABELS, PrepareError, clean_text, csv_records, jsonl_records, to_float,
                       fiqa_label, read_fiqa, read_fpb, read_tfns, write_jsonl_atomic)
 
 NEWS = DEFAULT_INSTRUCTION  # FinGPT's wording, verbatim (with the final '.')
@@ -113,13 +113,13 @@ def tfns_rows(path) -> list[dict]:
 
 def _fiqa_csv(path) -> Iterator[tuple[str, str, str]]:
     """(text, label, format) from one of pauri32/fiqa-2018's CSVs (columns sentence, sentiment_score, format)."""
-    for line, n, rec in _csv_records(path, ("sentence", "sentiment_score", "format"),
+    for line, n, rec in csv_records(path, ("sentence", "sentiment_score", "format"),
                                      "pauri32/fiqa-2018 CSVs have sentence, sentiment_score and format columns"):
-        score = _to_float(rec["sentiment_score"])
+        score = to_float(rec["sentiment_score"])
         if score is None:
             raise PrepareError(path, line, f"record {n}: sentiment_score {rec['sentiment_score']!r} is not a number",
                                "scores are numbers between -1 and 1")
-        yield _clean_text(rec["sentence"], path, line, f"record {n}: "), fiqa_label(score), rec["format"].strip()
+        yield clean_text(rec["sentence"], path, line, f"record {n}: "), fiqa_label(score), rec["format"].strip()
 
 
 def _fiqa_json(path) -> Iterator[tuple[str, str, str]]:
@@ -151,7 +151,7 @@ def _nwgi_row(path, line: Optional[int], where: str, text, raw) -> dict:
     if not isinstance(raw, str) or raw not in NWGI_LABELS:
         raise PrepareError(path, line, f"{where}: label {raw!r} is not one of NWGI's 7",
                            f"expected one of: {', '.join(NWGI_LABELS)}")
-    return {"text": _clean_text(text, path, line, f"{where}: "), "label": NWGI_LABELS[raw], "source": "nwgi"}
+    return {"text": clean_text(text, path, line, f"{where}: "), "label": NWGI_LABELS[raw], "source": "nwgi"}
 
 
 def read_nwgi(path) -> Iterator[dict]:
@@ -159,11 +159,11 @@ def read_nwgi(path) -> Iterator[dict]:
     or from a CSV / JSONL export with the same `news` and `label` columns."""
     suffix = Path(path).suffix.lower()
     if suffix == ".csv":
-        for line, n, rec in _csv_records(path, ("news", "label"), "NWGI data has 'news' and 'label' columns"):
+        for line, n, rec in csv_records(path, ("news", "label"), "NWGI data has 'news' and 'label' columns"):
             yield _nwgi_row(path, line, f"record {n}", rec["news"], rec["label"].strip())
         return
     if suffix in (".jsonl", ".json"):
-        for line, _, rec in _jsonl_records(path):
+        for line, _, rec in jsonl_records(path):
             yield _nwgi_row(path, line, "row", rec.get("news"), rec.get("label"))
         return
     if suffix != ".parquet":

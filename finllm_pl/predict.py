@@ -41,7 +41,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset
 
-from .data import budget_batches, collate_prompts
+from .batching import budget_batches, collate_prompts
 from .errors import ConfigError
 from .files import atomic_file, fsync_dir, write_atomic
 from .prompts import PromptFormatter

@@ -63,7 +63,7 @@ def _read_text(path, encoding: str) -> str:
         raise PrepareError(path, line, f"not valid {encoding} text", "re-save the file as UTF-8") from None
 
 
-def _clean_text(text, path, line: int, what: str = "") -> str:
+def clean_text(text, path, line: int, what: str = "") -> str:
     if not isinstance(text, str) or not text.strip():
         raise PrepareError(path, line, f"{what}empty or missing text", "fill in the text or delete the row")
     return text.strip()
@@ -88,12 +88,12 @@ def read_fpb(path) -> Iterator[dict]:
         if label not in LABELS:
             raise PrepareError(path, lineno, f"unknown label {label!r}",
                                "FPB labels are negative, neutral or positive")
-        yield {"text": _clean_text(sentence, path, lineno), "label": label, "source": "fpb"}
+        yield {"text": clean_text(sentence, path, lineno), "label": label, "source": "fpb"}
 
 
 # --- CSV (TFNS and generic) ------------------------------------------------------------------
 
-def _csv_records(path, required: Iterable[str], fix: str) -> Iterator[tuple[int, int, dict]]:
+def csv_records(path, required: Iterable[str], fix: str) -> Iterator[tuple[int, int, dict]]:
     """Yield (first line of the record, record number, row dict). Quoted fields may span lines, so
     the line where a record starts is tracked separately from csv's running line count."""
     text = _read_text(path, "utf-8-sig")  # -sig: spreadsheets like to prepend a BOM
@@ -122,13 +122,13 @@ def _csv_records(path, required: Iterable[str], fix: str) -> Iterator[tuple[int,
 
 def read_tfns(path) -> Iterator[dict]:
     """Twitter Financial News Sentiment CSV: header `text,label`, labels 0/1/2."""
-    for line, n, rec in _csv_records(path, ("text", "label"), "a TFNS CSV has the header 'text,label'"):
+    for line, n, rec in csv_records(path, ("text", "label"), "a TFNS CSV has the header 'text,label'"):
         raw = rec["label"].strip()
         if raw not in TFNS_LABELS:
             raise PrepareError(path, line, f"record {n}: label {raw!r} is not 0, 1 or 2",
                                "TFNS labels are 0 = Bearish, 1 = Bullish, 2 = Neutral")
         # Keep line breaks inside a tweet: they are part of the text the model will see.
-        yield {"text": _clean_text(rec["text"], path, line, f"record {n}: "),
+        yield {"text": clean_text(rec["text"], path, line, f"record {n}: "),
                "label": TFNS_LABELS[raw], "source": "tfns"}
 
 
@@ -143,7 +143,7 @@ def fiqa_label(score: float) -> str:
     return "positive"
 
 
-def _to_float(value) -> float | None:
+def to_float(value) -> float | None:
     if isinstance(value, bool):  # bool is an int in Python; true/false is not a score
         return None
     try:
@@ -176,17 +176,17 @@ def read_fiqa(path) -> Iterator[dict]:
         if not (isinstance(info, list) and info and isinstance(info[0], dict) and "sentiment_score" in info[0]):
             raise PrepareError(path, line, f"entry {key!r} has no info[0].sentiment_score", fix)
         raw = info[0]["sentiment_score"]
-        score = _to_float(raw)
+        score = to_float(raw)
         if score is None:
             raise PrepareError(path, line, f"entry {key!r}: sentiment_score {raw!r} is not a number",
                                "scores are numbers (or numeric strings) between -1 and 1")
-        yield {"text": _clean_text(item["sentence"], path, line, f"entry {key!r}: "),
+        yield {"text": clean_text(item["sentence"], path, line, f"entry {key!r}: "),
                "label": fiqa_label(score), "source": "fiqa", "id": str(key)}
 
 
 # --- generic CSV / JSONL ---------------------------------------------------------------------
 
-def _jsonl_records(path) -> Iterator[tuple[int, int, dict]]:
+def jsonl_records(path) -> Iterator[tuple[int, int, dict]]:
     text = _read_text(path, "utf-8-sig")
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -217,9 +217,9 @@ def read_generic(path, text_column: str, label_column: str, label_map: dict | No
     source = source or Path(path).stem
     cols = (text_column, label_column)
     if fmt == "csv":
-        records = _csv_records(path, cols, "pick --text-column/--label-column from the header")
+        records = csv_records(path, cols, "pick --text-column/--label-column from the header")
     else:
-        records = _jsonl_records(path)
+        records = jsonl_records(path)
     for line, n, rec in records:
         for col in cols:
             if col not in rec:
@@ -238,7 +238,7 @@ def read_generic(path, text_column: str, label_column: str, label_map: dict | No
             if label not in LABELS:
                 raise PrepareError(path, line, f"record {n}: label {key!r} is not negative/neutral/positive",
                                    """map raw labels with --label-map '{"0":"negative",...}'""")
-        yield {"text": _clean_text(rec[text_column], path, line, f"record {n}: "),
+        yield {"text": clean_text(rec[text_column], path, line, f"record {n}: "),
                "label": label, "source": source}
 
 

@@ -30,7 +30,7 @@ from finllm_pl.backend.fast import closure
 from finllm_pl.backend.plain import score_labels_plain
 from finllm_pl.backend.static import StaticCollate
 from finllm_pl.backend.tree import score_labels_reference
-from finllm_pl.data import collate_prompts, collate_train
+from finllm_pl.batching import collate_prompts, collate_train
 from finllm_pl.export import main as export_main
 from finllm_pl.prompts import DEFAULT_INSTRUCTION, PromptFormatter
 

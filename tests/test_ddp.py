@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from finllm_pl.__main__ import cli_main
-from finllm_pl.data import (CountedRows, EvalBatchSampler, LengthGroupedBatchSampler, collate_eval)
+from finllm_pl.batching import collate_eval
+from finllm_pl.data import CountedRows, EvalBatchSampler, LengthGroupedBatchSampler
 from finllm_pl import predict
 from finllm_pl.predict import PredictStream, chunk_size, finish_output, part_path
 from finllm_pl.prompts import PromptFormatter

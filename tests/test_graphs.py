@@ -212,7 +212,7 @@ def test_label_scoring_feeds_lora_its_bf16_input_under_autocast_with_the_same_sc
     """The fast backend's labeling context under bf16 autocast: the LoRA layers get their bf16 input as it is (no
     cast to the adapter's fp32 and back), scores bit-identical to peft's casting, fewer copies; without autocast
     (fp32 input and adapter) nothing changes."""
-    from finllm_pl.data import collate_prompts
+    from finllm_pl.batching import collate_prompts
 
     model = _tiny_lora("qwen2", dtype=torch.bfloat16).eval()
     g = torch.Generator().manual_seed(2)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from finllm_pl.data import collate_train
+from finllm_pl.batching import collate_train
 from finllm_pl.prompts import DEFAULT_INSTRUCTION, EMPTY_THINK, PromptFormatter
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"

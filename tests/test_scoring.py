@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from finllm_pl import model as hf
-from finllm_pl.data import collate_prompts, collate_train, shared_prefix_ids
+from finllm_pl.batching import collate_prompts, collate_train, shared_prefix_ids
 from finllm_pl.prompts import DEFAULT_INSTRUCTION, PromptFormatter
 from finllm_pl.backend.plain import PlainBackend, score_labels_plain
 from finllm_pl.backend.tree import Head, common_prefix_length, score_labels_reference, score_labels_tree, sparse_loss_sum

@@ -243,7 +243,7 @@ def test_static_lengths_are_few_and_pad_little():
 
 
 def test_budget_batches_cut_by_rows_and_padded_tokens():
-    from finllm_pl.data import budget_batches
+    from finllm_pl.batching import budget_batches
 
     lengths = [5, 3, 9, 9, 2, 7, 1, 30]
     order = sorted(range(len(lengths)), key=lambda j: -lengths[j])  # 7, 2, 3, 5, 0, 1, 4, 6

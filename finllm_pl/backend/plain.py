@@ -78,7 +78,7 @@ class PlainBackend:
       its gradients accumulated into `p.grad` by `backward(loss)` (the trainer's manual_backward) inside
       `sync(last)` (DDP's gradient sync only on the window's last backward);
     - `loss(batch)`: the same without gradients (validation);
-    - `score(batch)`: [B, K] label scores of a prompt batch (data.collate_prompts);
+    - `score(batch)`: [B, K] label scores of a prompt batch (batching.collate_prompts);
     - `labeling()`: a context entered around validation and predict (the fast backend's module forwards);
     - `weights_changed()`: called after every optimizer step and whenever weights are loaded or merged;
     - `train_collate`: the DataLoader's collate for training batches (a fast backend adds fixed-shape fields).
@@ -97,7 +97,7 @@ class PlainBackend:
 
     # -- training --------------------------------------------------------------------------------------------------
     def train_collate(self, pad_id: int, rows: int) -> Callable:
-        from ..data import PlainCollate
+        from ..batching import PlainCollate
 
         return PlainCollate(pad_id)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .. import model as hf
-from ..data import collate_prompts, collate_train
+from ..batching import collate_prompts, collate_train
 from .fast import COMPONENTS, FastBackend, closure
 from .plain import PlainBackend
 from .static import StaticCollate

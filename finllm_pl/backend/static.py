@@ -24,7 +24,7 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import collate_train
+from ..batching import collate_train
 from ..errors import ModelError
 from .plain import decoder_call, row_chunks
 from .tree import Head, layer_masks

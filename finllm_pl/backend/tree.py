@@ -178,7 +178,7 @@ def score_labels_tree(head: Head, prompt_ids: torch.Tensor, prompt_mask: torch.T
     decoder pass over [prompt | label tree]; the head runs at the last prompt token and the tree tokens only.
     min_prefix: run the prompts' common prefix once when it is at least this long and B > 1 (0: never).
     prefix_memo: keeps prefix caches between calls while the weights do not change (the caller empties it).
-    prefix: the prompts' common prefix as the host knows it (data.collate_prompts' `prefix_ids`), so that nothing is
+    prefix: the prompts' common prefix as the host knows it (batching.collate_prompts' `prefix_ids`), so that nothing is
     read back from the GPU; None finds it on the device (a sync per batch)."""
     B, T = prompt_ids.shape
     K, L = label_ids.shape
