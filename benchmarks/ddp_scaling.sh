@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
-# DDP scaling on 2 GPUs for the DeepSeek-R1-Distill-Qwen-1.5B architecture (random weights, tiny-deepseek tokenizer):
-# fit on 1 GPU (micro 16 x accum 2) vs 2 GPUs (micro 16 x accum 1, same effective batch 32), then predict the
-# same rows on 1 and 2 GPUs and compare. Usage: benchmarks/ddp_scaling.sh DATA.jsonl OUT_DIR [STEPS]
+# DDP scaling on 2 GPUs for the DeepSeek-R1-Distill-Qwen-1.5B architecture (random weights, tiny-deepseek tokenizer),
+# on the fast backend (which steps its static step aside under DDP, saying so): fit on 1 GPU (micro 16 x accum 2)
+# vs 2 GPUs (micro 16 x accum 1, same effective batch 32), then predict the same rows on 1 and 2 GPUs and compare.
+# Usage: benchmarks/ddp_scaling.sh DATA.jsonl OUT_DIR [STEPS]
 set -euo pipefail
 data=$1; out=$2; steps=${3:-40}
 mkdir -p "$out"; model=/tmp/qwen1.5b-random
 python3 -c "
-import sys; sys.path.insert(0, 'tests')
-from pathlib import Path
-from finllm_pl.assets import ensure_builtin
-from test_gpu import build_qwen_1_5b
-build_qwen_1_5b(Path('$model'), ensure_builtin('tiny-deepseek'))"
-common=(--config configs/deepseek_r1_distill_qwen_1.5b.yaml --model.model_name_or_path "$model"
+from finllm_pl.assets import build_random_qwen_1_5b, ensure_builtin
+build_random_qwen_1_5b('$model', ensure_builtin('tiny-deepseek'))"
+common=(--config configs/deepseek_r1_distill_qwen_1.5b_fast.yaml --model.model_name_or_path "$model"
         --data.train_path "$data" --data.val_fraction 0 --data.batch_size 16 --data.group_by_length true
         --model.gradient_checkpointing false --trainer.max_steps "$steps" --trainer.enable_progress_bar false
         --trainer.log_every_n_steps 1 --checkpoint.every_n_train_steps 1000)
@@ -23,7 +21,7 @@ for n in 1 2; do
 done
 head -n 2001 "$data" | tail -n 2000 > /tmp/predict_rows.jsonl
 for n in 1 2; do
-  python3 -m finllm_pl predict --config configs/deepseek_r1_distill_qwen_1.5b.yaml --model.model_name_or_path "$model" \
+  python3 -m finllm_pl predict --config configs/deepseek_r1_distill_qwen_1.5b_fast.yaml --model.model_name_or_path "$model" \
     --ckpt_path /tmp/ddp1/adapter --data.predict_path /tmp/predict_rows.jsonl --data.predict_output /tmp/pred$n.jsonl \
     --data.eval_batch_size 128 --data.predict_chunk_rows 256 --trainer.devices $n --trainer.strategy ddp \
     --trainer.enable_progress_bar false > "$out/predict$n.log" 2>&1

@@ -1,7 +1,7 @@
 """How much of predict's work is padding, for each (data.predict_chunk_rows, data.eval_batch_tokens) pair: CPU only.
 
 predict reads `chunk_rows` rows at a time, sorts them by prompt length and cuts batches of at most `batch_tokens`
-padded tokens (finllm_pl.data.budget_batches), exactly as below. Label scoring runs the batch's shared prompt
+padded tokens (finllm_pl.batching.budget_batches), exactly as below. Label scoring runs the batch's shared prompt
 prefix once, so the work per batch is rows x (longest prompt - shared prefix); padding is what that exceeds
 the rows' own tokens after the prefix by. Fewer, larger batches cost less per row on the GPU; rows of closer
 lengths pad less. Prints a table and writes JSON.
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoTokenizer  # noqa: E402
 
-from finllm_pl.data import budget_batches, shared_prefix_ids  # noqa: E402
+from finllm_pl.batching import budget_batches, shared_prefix_ids  # noqa: E402
 from finllm_pl.prompts import DEFAULT_INSTRUCTION, PromptFormatter  # noqa: E402
 from finllm_pl.records import iter_rows  # noqa: E402
 
