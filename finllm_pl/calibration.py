@@ -284,6 +284,16 @@ class Calibration:
         return path
 
     @classmethod
+    def beside(cls, folder, labels) -> Optional["Calibration"]:
+        """The calibration saved beside an adapter (or merged model) for these labels, None if there is none; one
+        fitted for other labels is a ModelError (one line)."""
+        calibration = cls.load(folder)
+        if calibration is not None and calibration.labels and list(calibration.labels) != list(labels):
+            raise ModelError(f"{Path(folder) / FILENAME} was fitted for the labels {calibration.labels}, this run labels "
+                             f"{list(labels)}; set data.labels to match, or model.use_calibration false")
+        return calibration
+
+    @classmethod
     def load(cls, folder) -> Optional["Calibration"]:
         """The calibration saved in `folder`, None if there is none; a corrupt file raises ModelError (one line)."""
         path = Path(folder) / FILENAME

@@ -241,6 +241,22 @@ def _why_not_loaded(path: str, e: Exception) -> str:
     return f"not a file torch.save wrote: {type(e).__name__}: {first}"
 
 
+def generate_answers(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> list[str]:
+    """Greedy answers of left-padded prompts (every row's answer starts in the same column), up to EOS/pad, with
+    their special tokens (a <think>...</think> block must stay visible for predict.parse_generated to drop it)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    texts = []
+    for row in out.tolist():
+        end = next((i for i, t in enumerate(row) if t in stop), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=False))
+    return texts
+
+
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     """A Lightning checkpoint read with weights_only=True (no code runs), or a one-line ModelError."""
     if not os.path.isfile(path):

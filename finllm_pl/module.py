@@ -186,22 +186,13 @@ class FinLLM(L.LightningModule):
                               hp.gradient_checkpointing, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         self.backend = backends.make(hp.backend, self.model, dtype, decision, hp.chunk_tokens)
         self.metrics = label_metrics(len(hp.labels)).to(device)
-        self.calibration = self._load_calibration() if hp.use_calibration else None
+        folder = hp.adapter_path or (hp.model_name_or_path if os.path.isdir(hp.model_name_or_path) else None)
+        self.calibration = Calibration.beside(folder, hp.labels) if hp.use_calibration and folder else None
+        if self.calibration is not None:
+            rank_zero_info(f"calibration: {folder}/calibration.json ({self.calibration.kind}) applied to label scores")
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         rank_zero_info(f"model {hp.model_name_or_path}: {n_train:,} trainable parameters, quantization="
                        f"{hp.quantization}, compute dtype={dtype}, backend {self.backend.describe()}")
-
-    def _load_calibration(self) -> Optional[Calibration]:
-        """The calibration.json of the adapter (or merged model folder) this run labels with, if any."""
-        hp = self.hparams
-        folder = hp.adapter_path or (hp.model_name_or_path if os.path.isdir(hp.model_name_or_path) else None)
-        calibration = Calibration.load(folder) if folder else None
-        if calibration is not None and calibration.labels and list(calibration.labels) != list(hp.labels):
-            raise ModelError(f"{folder}/calibration.json was fitted for the labels {calibration.labels}, this run labels "
-                             f"{list(hp.labels)}; set data.labels to match, or model.use_calibration false")
-        if calibration is not None:
-            rank_zero_info(f"calibration: {folder}/calibration.json ({calibration.kind}) applied to the label scores")
-        return calibration
 
     def calibrated(self, scores: torch.Tensor) -> torch.Tensor:
         """Label log-probabilities as the run reports them: the calibration's, or log_softmax of the scores."""
@@ -408,7 +399,8 @@ class FinLLM(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if self.hparams.predict_mode == "generate":
-            return {"rows": batch["rows"], "texts": self._generate(batch["prompt_ids"], batch["prompt_mask"])}
+            return {"rows": batch["rows"], "texts": hf.generate_answers(self.model, self.tokenizer, batch["prompt_ids"],
+                                                                       batch["prompt_mask"], self.hparams.max_new_tokens)}
         with self.backend.labeling():
             scores = self.calibrated(self.backend.score(batch))
         if scores.device.type != "cuda":
@@ -420,22 +412,6 @@ class FinLLM(L.LightningModule):
         ready = torch.cuda.Event()
         ready.record()
         return {"rows": batch["rows"], "scores": host, "ready": ready}
-
-    def _generate(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        """Greedy answers (prompts are left-padded, so every row's answer starts in the same column)."""
-        from transformers import GenerationConfig
-
-        tok = self.tokenizer
-        config = GenerationConfig(max_new_tokens=self.hparams.max_new_tokens, do_sample=False, use_cache=True,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
-        stop = {tok.eos_token_id, tok.pad_token_id}
-        texts = []
-        for row in out.tolist():
-            end = next((i for i, t in enumerate(row) if t in stop), len(row))
-            # special tokens kept: <think>...</think> must stay visible for parse_generated to drop it
-            texts.append(tok.decode(row[:end], skip_special_tokens=False))
-        return texts
 
     # -- checkpoints: the adapter, the window in progress, the RNG ---------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
