@@ -51,6 +51,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .files import write_atomic
 from .prepare import (DEFAULT_INSTRUCTION, LABELS, PrepareError, clean_text, csv_records, jsonl_records, to_float,
                       fiqa_label, read_fiqa, read_fpb, read_tfns, write_jsonl_atomic)
 
@@ -276,12 +277,63 @@ def _parser() -> argparse.ArgumentParser:
                         "train.csv, validation.csv, test.csv in that order (exact); repeat the option per file")
     b.add_argument("--nwgi", metavar="test-*.parquet", help="news_with_gpt_instructions' test split")
     b.add_argument("--out", required=True, metavar="DIR")
+    e = sub.add_parser("evaluate", help="label FinGPT's test sets with a model (and adapter) and print the table",
+                       description="Label each set with `python -m finllm_pl predict` (label scoring) and print "
+                                   "accuracy / macro-F1 / weighted-F1 per set beside FinGPT's published numbers. "
+                                   "Give the sets' source files (as for build) or --splits (build's output).")
+    e.add_argument("--config", required=True, help="a finllm_pl config (the model, its quantization, batch sizes)")
+    e.add_argument("--ckpt_path", help="the adapter folder (or .ckpt) to evaluate; none: the base model itself")
+    e.add_argument("--splits", metavar="DIR", help="a folder build wrote (fpb.jsonl, tfns.jsonl, ...)")
+    for flag, meta in (("--fpb", "Sentences_50Agree.txt"), ("--tfns", "sent_valid.csv"), ("--nwgi", "test-*.parquet")):
+        e.add_argument(flag, metavar=meta)
+    e.add_argument("--fiqa", action="append", metavar="FILE")
+    e.add_argument("--out", default="fingpt_eval", metavar="DIR", help="splits, predictions and results.md go here")
+    e.add_argument("predict_args", nargs="*", help="more options for predict, after --, e.g. -- --data.eval_batch_size 64")
     return p
+
+
+def _run_predict(config: str, ckpt: Optional[str], extra: list[str]) -> Callable[[str, str], dict]:
+    """predict in this process; the metrics it writes beside the output (the splits carry their gold labels)."""
+    def run(inp: str, out: str) -> dict:
+        from .__main__ import cli_main
+
+        args = ["predict", "--config", config, "--data.predict_path", inp, "--data.predict_output", out,
+                "--data.overwrite", "true", *(["--ckpt_path", ckpt] if ckpt else []), *extra]
+        cli_main(args)
+        return json.loads(Path(f"{out.removesuffix('.jsonl')}.metrics.json").read_text())
+    return run
+
+
+def _evaluate_command(args) -> int:
+    if args.splits:
+        splits = {name: Path(args.splits) / f"{name}.jsonl" for name in SETS if (Path(args.splits) / f"{name}.jsonl").exists()}
+        if not splits:
+            print(f"error: {args.splits}: no fpb/tfns/fiqa/nwgi .jsonl in it; run `build` first", file=sys.stderr)
+            return 2
+    else:
+        if not any((args.fpb, args.tfns, args.fiqa, args.nwgi)):
+            print("error: give --splits DIR or at least one of --fpb, --tfns, --fiqa, --nwgi", file=sys.stderr)
+            return 2
+        try:
+            splits = build_splits(fpb=args.fpb, tfns=args.tfns, fiqa=args.fiqa, nwgi=args.nwgi, out_dir=args.out)
+        except PrepareError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    results = evaluate(splits, _run_predict(args.config, args.ckpt_path, list(args.predict_args)))
+    table = comparison_table(results)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(args.out) / "results.md", f"# FinGPT's sentiment protocol: {args.ckpt_path or 'the base model'}"
+                 f"\n\n{table}")
+    write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
+    print(table)
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        return _evaluate_command(args)
     if not any((args.fpb, args.tfns, args.fiqa, args.nwgi)):
         parser.error("give at least one of --fpb, --tfns, --fiqa, --nwgi")
     try:

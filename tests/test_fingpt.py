@@ -234,3 +234,24 @@ def test_evaluate_with_a_fake_predictor_and_the_table(tmp_path):
 
 def test_published_numbers():
     assert PUBLISHED == {"fpb": 0.882, "fiqa": 0.874, "tfns": 0.903, "nwgi": 0.643}
+
+
+def test_the_protocol_in_one_command_labels_every_set_with_the_cli(tmp_path, tiny_dir, capsys):
+    """`python -m finllm_pl.fingpt evaluate --config ... --fpb ... --tfns ... --fiqa ... --nwgi ...`: the splits
+    built, each labeled by the real predict (label scoring; here the tiny base model), the table printed with
+    FinGPT's published numbers beside ours, and results.md / results.json written."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "eval"
+    rc = fingpt.main(["evaluate", "--config", str(root / "configs/smoke.yaml"), "--fpb", str(FPB), "--tfns", str(TFNS),
+                      "--fiqa", str(FIQA[0]), "--fiqa", str(FIQA[1]), "--nwgi", str(NWGI), "--out", str(out),
+                      "--", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"fpb", "tfns", "fiqa", "nwgi"}
+    for name, r in results.items():
+        labeled = read_jsonl(Path(r["predictions"]))
+        assert len(labeled) == r["rows"] == len(read_jsonl(out / f"{name}.jsonl"))
+        assert r["accuracy"] == pytest.approx(sum(x["label"] == x["gold"] for x in labeled) / len(labeled))
+        assert f"| {name} | {r['rows']} | {r['accuracy']:.4f} |" in table
+    assert "| 0.882 |" in table and (out / "results.md").read_text().count("| fpb |") == 1
