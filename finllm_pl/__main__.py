@@ -1,5 +1,9 @@
-"""`python -m finllm_pl {fit,validate,predict,test} --config configs/<x>.yaml`: the LightningCLI entry point.
-(`python -m finllm_pl export ...` writes deployable adapter or merged folders: see export.py.)
+"""`python -m finllm_pl <command> ...` (installed as `finllm` too): the command line.
+
+Commands, each one line in `--help` (COMMANDS and PLAIN_COMMANDS below):
+  - fit / validate / predict: LightningCLI with YAML configs (configs/); `<command> --help` lists every option,
+    `<command> --config <cfg> --print_config` prints the resolved config with each option's documentation;
+  - export (and every command of PLAIN_COMMANDS): a plain argparse program with no Trainer (see export.py).
 
 What this file adds to a plain LightningCLI:
   - links: model.model_name_or_path -> data.tokenizer, model.trust_remote_code -> data.trust_remote_code,
@@ -27,6 +31,28 @@ from .errors import ConfigError, FinLLMError, ModelError
 from .module import FinLLM
 
 SPECIAL_CKPT = ("last", "best", "hpc", "registry")
+PROG = "python -m finllm_pl"
+DESCRIPTION = ("QLoRA-tune a causal LLM for financial sentiment (negative / neutral / positive) and label files "
+               "with it.")
+# The commands `--help` lists, in this order, one line each (at most 54 characters: one line of --help). These
+# three run through LightningCLI (a Trainer).
+COMMANDS = {
+    "fit": "train a LoRA adapter (QLoRA) on data.train_path",
+    "validate": "loss, accuracy and F1 of a checkpoint or adapter",
+    "predict": "label a file with a checkpoint, adapter or model",
+}
+# Plain argparse commands (no Trainer), listed after COMMANDS: name -> (module, one help line, at most 54 characters
+# so that it fits on one line of --help). The module's `main(argv, prog)` (or `main(argv)`) parses `argv` and returns
+# the exit status: adding a command is one line here.
+PLAIN_COMMANDS = {
+    "export": ("finllm_pl.export", "write a deployable adapter or merged model folder"),
+}
+
+
+def program_name() -> str:
+    """What the usage lines call this program: `finllm` when run as the console script, else `python -m finllm_pl`."""
+    return "finllm" if os.path.basename(sys.argv[0] or "") == "finllm" else PROG
+
 
 # Noise that says nothing to a user of this CLI: our checkpoints are taken right after an optimizer step on
 # purpose, and the two deprecations come from inside transformers / Lightning.
@@ -42,11 +68,101 @@ class _Parser(LightningArgumentParser):
 
     def error(self, message: str, ex: Optional[Exception] = None):  # one line, not a usage wall
         first = " ".join(str(message).split())
-        sys.stderr.write(f"error: {first[:400]} (see `python -m finllm_pl <command> --help` for every option)\n")
+        sys.stderr.write(f"error: {first[:400]} (see `{program_name()} <command> --help` for every option)\n")
         sys.exit(2)
+
+    def dump(self, cfg=None, *args, **kwargs) -> str:
+        """`--print_config` prints every option with its documentation, as YAML comments (jsonargparse's own
+        `comments` flag needs ruamel.yaml); every other dump (the config.yaml a run saves) stays plain."""
+        text = super().dump(cfg, *args, **kwargs)
+        root = self
+        while hasattr(root, "parent_parser"):
+            root = root.parent_parser
+        if hasattr(root, "print_config") and kwargs.get("format", "parser_mode") in ("parser_mode", "yaml"):
+            text = documented_yaml(text, self)
+        return text
+
+
+# What each section of a config is (the classes' docstrings say it for the options, not for the sections).
+SECTION_DOCS = {
+    "seed_everything": None,
+    "trainer": "Lightning Trainer: devices, precision, run length, validation and logging cadence "
+               "(https://lightning.ai/docs/pytorch/stable/common/trainer.html)",
+    "model": "FinLLM (finllm_pl/module.py): base model, quantization, LoRA, optimizer and LR schedule, "
+             "accumulation, execution backend, labeling",
+    "data": "InstructionDataModule (finllm_pl/data.py): files, prompt format, labels, lengths, batch sizes, "
+            "predict's input and output",
+    "checkpoint": "ModelCheckpoint: a checkpoint every N optimizer steps and last.ckpt (adapter-only, a few MB)",
+}
+
+
+def documented_yaml(text: str, parser) -> str:
+    """`text` (a YAML mapping) with each key's help from `parser` as `# ...` lines above it, wrapped to 110
+    columns. The keys are found by PyYAML's own parser (never inside a multi-line string)."""
+    import textwrap
+
+    import yaml
+
+    helps = {a.dest: " ".join(str(a.help).split()) for a in parser._actions
+             if a.help and a.help != "==SUPPRESS==" and a.dest and not a.dest.endswith(".help")
+             and type(a).__name__ != "_ActionConfigLoad"}
+    helps.update({k: v for k, v in SECTION_DOCS.items() if v and k not in helps})
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return text
+    comments: dict[int, tuple[int, str]] = {}  # line -> (column, help)
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = f"{path}.{key.value}" if path else str(key.value)
+                if name in helps:
+                    comments[key.start_mark.line] = (key.start_mark.column, helps[name])
+                walk(value, name)
+
+    walk(root, "")
+    out = []
+    for i, line in enumerate(text.splitlines()):
+        if i in comments:
+            col, doc = comments[i]
+            out += textwrap.wrap(doc, 110, initial_indent=" " * col + "# ", subsequent_indent=" " * col + "# ",
+                                 break_on_hyphens=False)
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 class FinLLMCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate, predict: Lightning's `test` needs a test_step, which this model has no use for."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in COMMANDS}
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        for action in parser._actions:
+            if "--print_config" in action.option_strings:
+                action.help = ("Print the resolved config as YAML, every option with its documentation as "
+                               "comments, and exit; e.g. `fit --config <cfg> --print_config > my.yaml`. Flags "
+                               "(=flag,...): skip_default, skip_unset.")
+        return parser
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's, with our help lines, and the plain commands listed too (main() runs them, not this parser)."""
+        from lightning.pytorch import Trainer
+
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        subcommands = parser.add_subcommands(
+            title="commands", description=f"`{program_name()} <command> --help` for a command's options.")
+        for name, line in COMMANDS.items():
+            sub_kwargs = {"description": line[0].upper() + line[1:] + ".", **kwargs.get(name, {})}
+            sub = self._prepare_subcommand_parser(Trainer, name, **sub_kwargs)
+            self._subcommand_parsers[name] = sub
+            subcommands.add_subcommand(name, sub, help=line)
+            sub.prog = f"{program_name()} {name}"  # (jsonargparse's "[options]" in between: none are needed there)
+        for name, (_, line) in PLAIN_COMMANDS.items():
+            subcommands.add_subcommand(name, self.parser_class(description=line), help=line)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer", apply_on="parse")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code", apply_on="parse")
@@ -173,13 +289,17 @@ class FinLLMCLI(LightningCLI):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """`export` is a plain command (no Trainer); everything else is LightningCLI."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] == ["export"]:
-        from .export import main as export_main
+    """The program: a PLAIN_COMMANDS command runs its own parser (no Trainer); everything else is LightningCLI."""
+    cli_main(argv)
 
-        sys.exit(export_main(args[1:]))
-    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+
+def _run_plain(name: str, args: list[str]) -> int:
+    import importlib
+    import inspect
+
+    fn = importlib.import_module(PLAIN_COMMANDS[name][0]).main
+    prog = f"{program_name()} {name}"
+    return fn(args, prog=prog) if "prog" in inspect.signature(fn).parameters else fn(args)
 
 
 def _check_config_files(args: list[str]) -> None:
@@ -202,8 +322,11 @@ def _check_config_files(args: list[str]) -> None:
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:
     """Run the CLI (tests call this in-process). `run=False` parses and builds the objects without running."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] and argv[0] in PLAIN_COMMANDS:
+        sys.exit(_run_plain(argv[0], argv[1:]))
     try:
-        _check_config_files(sys.argv[1:] if args is None else list(args))
+        _check_config_files(argv)
         return FinLLMCLI(
             FinLLM,
             InstructionDataModule,
@@ -216,6 +339,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:
             subclass_mode_model=False,
             subclass_mode_data=False,
             parser_class=_Parser,
+            parser_kwargs={"prog": program_name(), "description": DESCRIPTION},
         )
     except FinLLMError as e:
         sys.stderr.write(f"error: {e}\n")

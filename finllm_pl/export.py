@@ -130,8 +130,8 @@ def export(source: str, out: str, merged: bool = False, dtype: str = "bfloat16",
     return merged_from_adapter(adapter, out, getattr(torch, dtype), merge_into, base, trust_remote_code)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m finllm_pl export", allow_abbrev=False,
+def main(argv: Optional[list[str]] = None, prog: str = "python -m finllm_pl export") -> int:
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="adapter folder (checkpoints/<run>/adapter) or a .ckpt written by fit")
     p.add_argument("--out", required=True, help="folder to write (replaced atomically if it exists)")

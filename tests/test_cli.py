@@ -1,0 +1,124 @@
+"""The command line as a user meets it (issue 26): --help, --print_config, checks before any work, what a run writes
+and where, what it prints."""
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from finllm_pl import __main__ as entry
+from finllm_pl.__main__ import cli_main, main
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _exit_code(fn, *args) -> int:
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    return e.value.code or 0
+
+
+def _commands(help_text: str) -> dict[str, str]:
+    """{command: its one help line} from a top-level --help."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "Available subcommands:")
+    out = {}
+    for line in lines[start + 1:]:
+        parts = line.split(None, 1)
+        if len(parts) == 2 and line.startswith("    ") and not line.startswith("      "):
+            out[parts[0]] = parts[1]
+    return out
+
+
+# -- 1. --help ----------------------------------------------------------------------------------------------------
+def test_help_names_the_program_and_lists_every_command_with_one_line():
+    r = subprocess.run([sys.executable, "-m", "finllm_pl", "--help"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: python -m finllm_pl "), r.stdout[:200]
+    commands = _commands(r.stdout)
+    assert list(commands) == ["fit", "validate", "predict", "export"], r.stdout
+    assert all(len(line) > 20 for line in commands.values()), commands
+    assert "{fit,validate,predict,export}" in r.stdout.splitlines()[0]  # (no `test`)
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "predict", "export"])
+def test_every_listed_command_has_help(command, capsys):
+    assert _exit_code(main, [command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m finllm_pl {command} "), out[:200]
+
+
+def test_test_is_not_a_command(capsys):
+    """Lightning's `test` crashed (no test_step): it is no command here, said in one line."""
+    assert _exit_code(main, ["test", "--config", "configs/smoke.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "MisconfigurationException" not in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")], err
+
+
+def test_the_console_script_runs_every_command(monkeypatch, capsys):
+    """pyproject's `finllm` script: the same commands (export included), its own name in the usage line."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, func = scripts["finllm"].split(":")
+    assert module == "finllm_pl.__main__"
+    script = getattr(entry, func)
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/finllm", "--help"])
+    assert _exit_code(script) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: finllm ") and list(_commands(out)) == ["fit", "validate", "predict", "export"]
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/finllm", "export", "--help"])
+    assert _exit_code(script) == 0
+    assert capsys.readouterr().out.startswith("usage: finllm export ")
+
+
+def test_a_plain_command_is_one_line_in_the_table(monkeypatch, capsys, tmp_path):
+    """A plain argparse command (the way `calibrate` will come) is one entry of PLAIN_COMMANDS: listed, dispatched."""
+    (tmp_path / "fake_calibrate.py").write_text(
+        "import argparse\n"
+        "def main(argv, prog):\n"
+        "    p = argparse.ArgumentParser(prog=prog)\n"
+        "    p.add_argument('--x')\n"
+        "    print('calibrated', p.parse_args(argv).x)\n"
+        "    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(entry.PLAIN_COMMANDS, "calibrate", ("fake_calibrate", "fit a temperature on held-out rows"))
+    assert _exit_code(main, ["--help"]) == 0
+    assert _commands(capsys.readouterr().out)["calibrate"] == "fit a temperature on held-out rows"
+    assert _exit_code(main, ["calibrate", "--x", "7"]) == 0
+    assert capsys.readouterr().out == "calibrated 7\n"
+    assert _exit_code(main, ["calibrate", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m finllm_pl calibrate ")
+
+
+# -- 2. --print_config ----------------------------------------------------------------------------------------------
+def test_print_config_documents_every_option(capsys):
+    """The plain --print_config is the documented form: each option's help as a YAML comment above it, and the YAML
+    still loads to the same values."""
+    import yaml
+
+    assert _exit_code(cli_main, ["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--print_config"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert "  # LoRA rank." in lines and lines[lines.index("  # LoRA rank.") + 1] == "  lora_r: 8"
+    assert any(line.startswith("  # training micro-batch size per device") for line in lines)
+    keyed = [i for i, line in enumerate(lines) if line.startswith("  ") and not line.lstrip().startswith(("#", "-"))
+             and ":" in line and not line.startswith("   ")]
+    documented = [i for i in keyed if lines[i - 1].lstrip().startswith("#")]
+    assert len(documented) >= 0.9 * len(keyed), [lines[i] for i in keyed if i not in documented]
+    loaded = yaml.safe_load(text)
+    assert loaded["model"]["lora_r"] == 8 and loaded["data"]["batch_size"] == 8
+    assert _exit_code(cli_main, ["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--print_config=skip_default"]) == 0
+    assert "  # LoRA rank." in capsys.readouterr().out.splitlines()
+
+
+def test_help_and_readme_say_how_to_print_the_documented_config(capsys):
+    assert _exit_code(main, ["fit", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--print_config" in out and "comments" in out
+    readme = (ROOT / "README.md").read_text()
+    assert "python -m finllm_pl fit --config <cfg> --print_config" in readme
