@@ -24,8 +24,8 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .callbacks import (AdapterExport, AtomicCheckpointIO, StepCheckpoint, ValidationReport, check_adapter_matches,
-                        check_writable_dir, load_checkpoint_file)
+from .callbacks import (AdapterExport, AtomicCheckpointIO, RunConfig, RunLogger, StepCheckpoint, ValidationReport,
+                        check_adapter_matches, check_writable_dir, load_checkpoint_file)
 from .data import InstructionDataModule
 from .errors import ConfigError, FinLLMError, ModelError
 from .module import FinLLM
@@ -74,6 +74,8 @@ class _Parser(LightningArgumentParser):
     def dump(self, cfg=None, *args, **kwargs) -> str:
         """`--print_config` prints every option with its documentation, as YAML comments (jsonargparse's own
         `comments` flag needs ruamel.yaml); every other dump (the config.yaml a run saves) stays plain."""
+        if "skip_none" in kwargs:  # (Lightning still passes jsonargparse's old name; said here, its warning would
+            kwargs["skip_unset"] = kwargs.pop("skip_none")  # point at this module, __main__, where Python shows it)
         text = super().dump(cfg, *args, **kwargs)
         root = self
         while hasattr(root, "parent_parser"):
@@ -226,13 +228,35 @@ class FinLLMCLI(LightningCLI):
             raise ConfigError("trainer.accumulate_grad_batches: use model.accumulate_grad_batches (manual optimization)")
         if cfg.trainer.get("gradient_clip_val"):
             raise ConfigError("trainer.gradient_clip_val: use model.gradient_clip_val (manual optimization)")
+        check_model_settings(cfg.model)
 
     def instantiate_trainer(self, **kwargs):
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins = [AtomicCheckpointIO(), *plugins]  # crash-safe checkpoint files unless the user brings an IO
-        return super().instantiate_trainer(plugins=plugins, **kwargs)
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        root = trainer_cfg.get("default_root_dir") or os.getcwd()
+        self.eval_dir = eval_dir(root) if self.subcommand == "validate" else None
+        if trainer_cfg.get("logger") in (None, True):  # Lightning's default logger, in this project's layout
+            kwargs["logger"] = self._default_logger(root)
+        trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
+        for cb in trainer.callbacks:
+            if isinstance(cb, ValidationReport) and self.eval_dir:
+                cb.out_dir = self.eval_dir
+        return trainer
+
+    def _default_logger(self, root: str):
+        """fit: TensorBoard in <root>/lightning_logs/version_N (N a new number each run, resumes included);
+        validate: <root>/eval/validate-<time>/ (its report, scalars and config); predict: none (its outputs are the
+        labels and metrics files). No `hp_metric = -1` placeholder anywhere."""
+        if self.subcommand == "predict":
+            return False
+        if self.subcommand == "validate":
+            return RunLogger(save_dir=os.path.dirname(self.eval_dir), name="", version=os.path.basename(self.eval_dir))
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        return RunLogger(save_dir=root, version=SLURMEnvironment.job_id())
 
     def before_fit(self) -> None:
         cb = self.trainer.checkpoint_callback
@@ -288,6 +312,81 @@ class FinLLMCLI(LightningCLI):
             self.trainer.predict(**kwargs)
 
 
+def eval_dir(root: str) -> str:
+    """validate's folder: <root>/eval/validate-<date>-<time> (-2, -3, ... when one of that second exists)."""
+    import time
+
+    base = os.path.join(root, "eval", f"validate-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = base, 2
+    while os.path.exists(path):
+        path, n = f"{base}-{n}", n + 1
+    return path
+
+
+def check_model_settings(m) -> None:
+    """Model settings that would otherwise fail only after the data was read and the model loaded (minutes on a
+    real model), checked from the config alone: LoRA's shape, the base model and the adapter folder, and the LoRA
+    targets against the model's config.json (its modules built on the meta device: no weights read)."""
+    from . import model as hf
+
+    for bad, message in ((m.lora_r < 1, f"model.lora_r must be >= 1, got {m.lora_r}"),
+                         (m.lora_alpha <= 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}"),
+                         (not 0 <= m.lora_dropout < 1, f"model.lora_dropout must be in [0, 1), got {m.lora_dropout}"),
+                         (not m.lora_target_modules, "model.lora_target_modules is empty; name the linear layers "
+                                                     "LoRA adapts, e.g. [q_proj, k_proj, v_proj, o_proj]")):
+        if bad:
+            raise ConfigError(message)
+    if m.adapter_path:
+        if not os.path.isdir(m.adapter_path):
+            raise ConfigError(f"model.adapter_path={m.adapter_path}: no such folder; give the adapter folder fit "
+                              "exported (<run>/adapter)")
+        if not os.path.isfile(os.path.join(m.adapter_path, "adapter_config.json")):
+            raise ConfigError(f"model.adapter_path={m.adapter_path}: not an adapter folder (no adapter_config.json); "
+                              "give the adapter folder fit exported (<run>/adapter)")
+    name = m.model_name_or_path
+    if name.startswith("builtin:"):
+        from .assets import BUILTINS
+
+        if name.split(":", 1)[1] not in BUILTINS:
+            raise ModelError(f"model.model_name_or_path={name!r}: unknown built-in model; known: "
+                             + ", ".join(f"builtin:{k}" for k in sorted(BUILTINS)))
+    folder = hf.resolve_model_path(name)  # a missing folder, or one without config.json: a ModelError here
+    if m.adapter_path or m.trust_remote_code:
+        return  # (an adapter brings its own targets; remote code is not run to look)
+    available = _linear_layers(folder)
+    missing = [t for t in m.lora_target_modules if available is not None and t not in available]
+    if missing:
+        raise ModelError(f"model.lora_target_modules: {missing} not in this model; its linear layers are: "
+                         f"{', '.join(available)}")
+
+
+def _linear_layers(folder: str) -> Optional[list[str]]:
+    """The LoRA-targetable linear layers of the model whose config.json is in `folder` (or in the hub cache for a
+    hub id), its modules built on the meta device; None when that cannot be known cheaply."""
+    from . import model as hf
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(folder, "config.json")
+        except Exception:  # noqa: BLE001  (not a valid hub id: the load will say so)
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = cached
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(os.path.dirname(path))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return hf.linear_module_names(model)
+    except Exception:  # noqa: BLE001  (an architecture this transformers cannot build: the load will say so)
+        return None
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """The program: a PLAIN_COMMANDS command runs its own parser (no Trainer); everything else is LightningCLI."""
     cli_main(argv)
@@ -334,6 +433,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:
             run=run,
             auto_configure_optimizers=False,
             seed_everything_default=42,
+            save_config_callback=RunConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [AdapterExport(), ValidationReport()]},
             subclass_mode_model=False,

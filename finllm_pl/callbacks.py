@@ -11,6 +11,8 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -36,6 +38,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = True):
         return load_checkpoint_file(str(path), map_location)
+
+
+class RunLogger(TensorBoardLogger):
+    """TensorBoard (`default_hp_metric` off: no `hp_metric = -1` placeholder) whose folder and events file appear
+    with the first thing written to it. Lightning touches `logger.experiment` while setting up, before the data is
+    read and the model loads; a plain TensorBoardLogger then creates `version_N/events...` at once, and a run that
+    fails on a bad row or setting leaves it behind. Here that touch gets a stand-in that makes the writer on first
+    use."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("default_hp_metric", False)
+        super().__init__(*args, **kwargs)
+
+    @property
+    def experiment(self):
+        if self._experiment is None and self._experiment_or_none() is None:
+            return _WriterOnFirstUse(self)
+        return TensorBoardLogger.experiment.fget(self)
+
+    def _experiment_or_none(self):
+        from lightning.pytorch.utilities import rank_zero_only
+
+        return None if rank_zero_only.rank == 0 else TensorBoardLogger.experiment.fget(self)  # (a dummy elsewhere)
+
+
+class _WriterOnFirstUse:
+    def __init__(self, logger: RunLogger) -> None:
+        self._logger = logger
+
+    def __getattr__(self, name: str):
+        return getattr(TensorBoardLogger.experiment.fget(self._logger), name)
+
+
+class RunConfig(SaveConfigCallback):
+    """LightningCLI's config.yaml (the resolved config, in the run's log folder), saved when the run starts: fit
+    at its first step, validate as its loop starts; not at setup (a run stopped by a bad row or a bad setting left
+    one behind). predict saves none: its job record says what its output belongs to."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        pass
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            super().setup(trainer, pl_module, "validate")
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -189,7 +238,11 @@ class AdapterExport(Callback):
 
 class ValidationReport(Callback):
     """After each validation: accuracy / F1 / per-class / confusion matrix as JSON + Markdown + PNG in the run's
-    log folder, and the confusion matrix as an image in TensorBoard."""
+    log folder (or `out_dir`: validate's <run>/eval/validate-<time>/), and the confusion matrix as an image in
+    TensorBoard."""
+
+    def __init__(self, out_dir: Optional[str] = None) -> None:
+        self.out_dir = out_dir
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.global_rank != 0 or not hasattr(pl_module, "last_report"):
@@ -199,7 +252,7 @@ class ValidationReport(Callback):
         if trainer.ckpt_path:
             report["checkpoint"] = str(trainer.ckpt_path)
         report["step"] = trainer.global_step
-        out_dir = run_dir(trainer)
+        out_dir = self.out_dir or run_dir(trainer)
         paths = write_report(report, out_dir)
         from .metrics import confusion_figure
 

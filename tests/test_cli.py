@@ -122,3 +122,75 @@ def test_help_and_readme_say_how_to_print_the_documented_config(capsys):
     assert "--print_config" in out and "comments" in out
     readme = (ROOT / "README.md").read_text()
     assert "python -m finllm_pl fit --config <cfg> --print_config" in readme
+
+
+# -- 3. checks before any work; a failed start writes nothing ----------------------------------------------------
+# The default logger (TensorBoard) on, as a user runs it.
+FIT_LOGGED = ["fit", "--config", "configs/smoke.yaml", "--trainer.max_steps", "1", "--trainer.limit_val_batches",
+              "0", "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"]
+
+
+def _tree(root: Path) -> set[str]:
+    """Every file and folder under root."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model.lora_r", "0"], "model.lora_r must be >= 1, got 0"),
+    (["--model.lora_alpha", "0"], "model.lora_alpha must be > 0, got 0"),
+    (["--model.lora_dropout", "1.0"], "model.lora_dropout must be in [0, 1), got 1.0"),
+    (["--model.lora_target_modules", "[]"], "model.lora_target_modules is empty"),
+    (["--model.model_name_or_path", "./models/nope"], "model.model_name_or_path='./models/nope': no such folder"),
+    (["--model.model_name_or_path", "builtin:huge"], "model.model_name_or_path='builtin:huge': unknown built-in"),
+    (["--model.lora_target_modules", "[q_proj, w_pack]"], "model.lora_target_modules: ['w_pack'] not in this model"),
+    (["--model.adapter_path", "no/adapter"], "model.adapter_path=no/adapter: no such folder"),
+], ids=["lora-r-0", "lora-alpha-0", "lora-dropout-1", "no-targets", "missing-model-folder", "unknown-builtin",
+        "target-not-in-model", "missing-adapter"])
+def test_a_bad_model_setting_stops_before_the_data_is_read(args, says, workdir, capsys, monkeypatch, tiny_dir):
+    """Said in one line before the data is read or the model loads, and nothing is written: no lightning_logs,
+    no config.yaml, no events file, no checkpoint folder."""
+    from finllm_pl.data import InstructionDataModule
+    from finllm_pl.module import FinLLM
+
+    def refuse(what):
+        def fail(*a, **k):
+            raise AssertionError(f"{what} before the config was checked")
+        return fail
+
+    monkeypatch.setattr(InstructionDataModule, "setup", refuse("the data was read"))
+    monkeypatch.setattr(FinLLM, "configure_model", refuse("the model was loaded"))
+    before = _tree(workdir)
+    assert _exit_code(cli_main, FIT_LOGGED + args) == 2
+    line = _one_error_line(capsys)
+    assert says in line, line
+    assert _tree(workdir) == before
+
+
+@pytest.mark.parametrize("case", ["bad-data-row", "warmup-error", "checkpoint-of-another-shape"])
+def test_a_run_that_fails_before_its_first_step_writes_nothing(case, workdir, capsys, tmp_path_factory):
+    """Errors that only the data or the loaded model can show: still one line, and the working folder as it was."""
+    args = list(FIT_LOGGED)
+    if case == "bad-data-row":
+        (workdir / "bad.jsonl").write_text('{"text": "Shares rose.", "label": "positive"}\n{"text": "x"\n')
+        args += ["--data.train_path", "bad.jsonl"]
+    elif case == "warmup-error":
+        args += ["--model.warmup_steps", "50", "--model.warmup_overflow", "error"]
+    else:
+        store = tmp_path_factory.mktemp("r4")
+        cli_main(FIT_LOGGED + ["--model.lora_r", "4", "--trainer.logger", "false", "--checkpoint.dirpath",
+                               str(store)])
+        capsys.readouterr()
+        args += ["--ckpt_path", str(store / "last.ckpt")]
+    before = _tree(workdir)
+    assert _exit_code(cli_main, args) == 2
+    _one_error_line(capsys)
+    assert _tree(workdir) == before
+
