@@ -16,19 +16,49 @@ What this file adds to a plain LightningCLI:
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any, Optional
 
-import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+class _DropLines(logging.Filter):
+    def __init__(self, says) -> None:
+        super().__init__()
+        self.says = says
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.says(record.getMessage())
+
+
+# Log lines that are false or useless to a user of this CLI, each dropped by a filter on the one logger that says
+# it (and only that line): installed before the imports below, since bitsandbytes speaks when it is imported.
+FALSE_LOG_LINES = {
+    # Lightning's advertisements for its cloud products (litlogger, litmodels), on every run
+    "lightning.pytorch.utilities.rank_zero": lambda m: m.startswith("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud"),
+    # bitsandbytes on AVX512-BF16 CPUs with the `kernels` package and the hub offline: it falls back to its own
+    # kernel (harmless), and the kernel's lookup says it skipped a check it cannot make offline
+    "bitsandbytes.backends.cpu.ops": lambda m: m.startswith("Failed to load CPU gemm_4bit_forward from kernels-"
+                                                            "community") and "offline mode" in m,
+    "kernels._internals.hf_hub": lambda m: m.startswith("Skipping publisher trust check for 'kernels-community/"
+                                                        "quantization-bitsandbytes' because Hugging Face Hub is in "
+                                                        "offline mode"),
+}
+for _name, _says in FALSE_LOG_LINES.items():
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _DropLines) for f in _logger.filters):
+        _logger.addFilter(_DropLines(_says))
+
+import torch  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 from .callbacks import (AdapterExport, AtomicCheckpointIO, RunConfig, RunLogger, StepCheckpoint, ValidationReport,
-                        check_adapter_matches, check_writable_dir, load_checkpoint_file)
-from .data import InstructionDataModule
-from .errors import ConfigError, FinLLMError, ModelError
-from .module import FinLLM
+                        check_adapter_matches, check_writable_dir, load_checkpoint_file)  # noqa: E402
+from .data import InstructionDataModule  # noqa: E402
+from .errors import ConfigError, FinLLMError, ModelError  # noqa: E402
+from .module import FinLLM  # noqa: E402
 
 SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 PROG = "python -m finllm_pl"
@@ -54,11 +84,31 @@ def program_name() -> str:
     return "finllm" if os.path.basename(sys.argv[0] or "") == "finllm" else PROG
 
 
-# Noise that says nothing to a user of this CLI: our checkpoints are taken right after an optimizer step on
-# purpose, and the two deprecations come from inside transformers / Lightning.
-for _pattern in (".*no pre-optimization state was saved.*", ".*is_gradient_checkpointing.*is deprecated.*",
-                 ".*isinstance\\(treespec, LeafSpec\\).*", ".*Checkpoint directory .* exists and is not empty.*"):
-    warnings.filterwarnings("ignore", message=_pattern)
+# Warnings that are false or useless here, each matched by its own text (Python's filter matches the start of the
+# message). Installed by every cli_main call: a filter set once at import is lost in a caller that resets the
+# filters, as pytest does for each test.
+FALSE_WARNINGS = [
+    # our checkpoints are taken right after an optimizer step, on purpose (StepCheckpoint); Lightning's text
+    # goes on with an 11-line example of saving the pre-optimization state
+    re.escape("Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization "
+              "state was saved."),
+    # the DataModule's state_dict / load_state_dict make a mid-epoch resume exact (tests/test_training.py)
+    re.escape("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
+              "resumable."),
+    # predict's writer does not use batch indices (it writes the rows each batch carries)
+    re.escape("Couldn't infer the batch indices fetched from your dataloader: `PredictLoader`"),
+    # deprecations inside transformers, Lightning and Lightning's calls into jsonargparse, not in this project's code
+    ".*is_gradient_checkpointing.*is deprecated", ".*isinstance\\(treespec, LeafSpec\\)",
+    "\\s*skip_none parameter was deprecated",
+]
+
+
+def quiet_false_warnings() -> None:
+    for pattern in FALSE_WARNINGS:  # (filterwarnings replaces an identical filter: calling again adds none)
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning if pattern[0] not in ".\\" else Warning)
+
+
+quiet_false_warnings()
 
 
 class _Parser(LightningArgumentParser):
@@ -422,6 +472,7 @@ def _check_config_files(args: list[str]) -> None:
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:
     """Run the CLI (tests call this in-process). `run=False` parses and builds the objects without running."""
     argv = sys.argv[1:] if args is None else list(args)
+    quiet_false_warnings()
     if argv[:1] and argv[0] in PLAIN_COMMANDS:
         sys.exit(_run_plain(argv[0], argv[1:]))
     try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .errors import ConfigError, ModelError
 from .files import atomic_file
@@ -87,6 +89,9 @@ class RunConfig(SaveConfigCallback):
             super().setup(trainer, pl_module, "validate")
 
 
+NOT_EMPTY = r"Checkpoint directory .* exists and is not empty\.$"
+
+
 class StepCheckpoint(ModelCheckpoint):
     """ModelCheckpoint (the CLI's `checkpoint` section), made for resuming after a kill:
 
@@ -104,14 +109,36 @@ class StepCheckpoint(ModelCheckpoint):
     Its state key stays ModelCheckpoint's, so the checkpoints written before keep resuming their callback state.
     """
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Lightning warns here when the folder holds files: expected when fit resumes from a checkpoint of this
+        very folder. Which checkpoint fit resumes from is known only later (trainer.ckpt_path is set after setup),
+        so that one warning waits for on_train_start, said there unless the run resumed from this folder."""
+        if stage != "fit":
+            return super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().setup(trainer, pl_module, stage)
+        self._not_empty = None
+        for w in caught:
+            if re.match(NOT_EMPTY, str(w.message)):
+                self._not_empty = str(w.message)
+            else:  # anything else: said now, through the filters in force
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def _resumes_here(self, trainer) -> bool:
+        """Resumed from a checkpoint of its own folder."""
+        return bool(trainer.ckpt_path and self.dirpath
+                    and Path(trainer.ckpt_path).resolve().parent == Path(self.dirpath).resolve())
+
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         assert hasattr(self, "_last_global_step_saved") and hasattr(self, "_enable_version_counter"), \
             "lightning's ModelCheckpoint changed: review StepCheckpoint"
         self._last_global_step_saved = trainer.global_step
-        if trainer.ckpt_path and self.dirpath and \
-                Path(trainer.ckpt_path).resolve().parent == Path(self.dirpath).resolve():
+        if self._resumes_here(trainer):
             self._enable_version_counter = False
+        elif getattr(self, "_not_empty", None):
+            rank_zero_warn(self._not_empty)
         self._interrupted = False
         self._previous_handler = None
         if threading.current_thread() is threading.main_thread():  # (signal handlers: main thread only)

@@ -194,3 +194,68 @@ def test_a_run_that_fails_before_its_first_step_writes_nothing(case, workdir, ca
     _one_error_line(capsys)
     assert _tree(workdir) == before
 
+
+# -- 4-6. one short session as a user runs it: fit, a resume, validate, predict, in a fresh process -----------------
+SESSION = """
+import sys
+from finllm_pl.__main__ import main
+quiet = ["--config", "configs/smoke.yaml", "--trainer.enable_progress_bar", "false"]
+fit = ["fit", *quiet, "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",
+       "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
+       "--checkpoint.every_n_train_steps", "2", "--model.warmup_steps", "50"]
+main(fit + ["--trainer.max_steps", "4"])
+main(fit + ["--trainer.max_steps", "6", "--ckpt_path", "last"])       # resumed mid-epoch, into the same folder
+main(["validate", *quiet, "--ckpt_path", "checkpoints/smoke/last.ckpt"])
+main(["predict", *quiet, "--ckpt_path", "checkpoints/smoke/adapter", "--data.predict_path", "news.txt"])
+"""
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory, _isolated_cache, tiny_dir):
+    """(work folder, everything the process printed on stdout and stderr)."""
+    import shutil
+
+    work = tmp_path_factory.mktemp("session")
+    shutil.copytree(ROOT / "data", work / "data")
+    shutil.copytree(ROOT / "configs", work / "configs")
+    lines = [line for line in (ROOT / "data/sample_unlabeled.txt").read_text().splitlines(True) if line.strip()]
+    (work / "news.txt").write_text("".join(lines[:6]))
+    r = subprocess.run([sys.executable, "-c", SESSION], cwd=work, env={**ENV, "FINLLM_CACHE": str(_isolated_cache)},
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return work, r.stdout + r.stderr
+
+
+NOISE = [
+    "💡 Tip",  # Lightning's litlogger / litmodels advertisements
+    "Couldn't infer the batch indices",  # predict's writer does not use them
+    "dataloader is not resumable",  # the DataModule's state_dict makes the resume exact
+    "no pre-optimization state was saved",  # our checkpoints are taken right after an optimizer step, on purpose
+    "Failed to load CPU gemm_4bit_forward",  # bitsandbytes falls back to its own kernel
+    "Skipping publisher trust check",  # (the same kernel, looked up offline)
+    "exists and is not empty",  # a resume into its own checkpoint folder
+    "skip_none parameter was deprecated",  # Lightning's call into jsonargparse
+]
+
+
+def test_a_session_prints_no_false_or_useless_warning_but_the_real_ones(session):
+    work, out = session
+    printed = [line for line in out.splitlines() if any(noise in line for noise in NOISE)]
+    assert not printed, "\n".join(printed)
+    assert "model.warmup_steps=50 is not shorter than the whole run" in out  # a real warning still shows
+    assert "adapter exported to" in out and "validation: accuracy" in out and "news.txt" in out
+
+
+def test_in_process_runs_warn_none_of_it_either(workdir, recwarn, capsys):
+    """The same silence where the caller resets the warning filters (pytest, for each test): checkpoints at every
+    optimizer step, then a resume mid-epoch into the same folder."""
+    args = ["fit", "--config", "configs/smoke.yaml", "--trainer.enable_progress_bar", "false", "--trainer.logger",
+            "false", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+            "--checkpoint.every_n_train_steps", "1"]
+    cli_main(args + ["--trainer.max_steps", "2"])
+    cli_main(args + ["--trainer.max_steps", "3", "--ckpt_path", "last"])
+    said = [str(w.message) for w in recwarn.list] + capsys.readouterr().err.splitlines()
+    printed = [m for m in said if any(noise in m for noise in NOISE)]
+    assert not printed, "\n".join(printed)
+    cli_main(args + ["--trainer.max_steps", "1"])  # a new run into that folder, not a resume: worth a warning
+    assert any("exists and is not empty" in str(w.message) for w in recwarn.list)
