@@ -259,3 +259,40 @@ def test_in_process_runs_warn_none_of_it_either(workdir, recwarn, capsys):
     assert not printed, "\n".join(printed)
     cli_main(args + ["--trainer.max_steps", "1"])  # a new run into that folder, not a resume: worth a warning
     assert any("exists and is not empty" in str(w.message) for w in recwarn.list)
+
+
+def _events(folder: Path):
+    """TensorBoard's reading of the one events file in `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(folder.glob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    ea = EventAccumulator(str(files[0]), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def test_each_command_writes_its_logs_where_the_readme_says(session):
+    """fit and its resume: lightning_logs/version_0 and version_1; validate: eval/validate-<time>/ (report, scalars,
+    config); predict: its labels, no TensorBoard folder. No hp_metric = -1 anywhere."""
+    import re
+
+    work, _ = session
+    run = work / "checkpoints/smoke"
+    assert sorted(p.name for p in (run / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    for version in ("version_0", "version_1"):
+        names = {p.name for p in (run / "lightning_logs" / version).iterdir()}
+        assert {"config.yaml", "hparams.yaml", "validation.json"} <= names, names
+    evals = list((run / "eval").iterdir())
+    assert len(evals) == 1 and re.fullmatch(r"validate-\d{8}-\d{6}", evals[0].name), evals
+    names = {p.name for p in evals[0].iterdir()}
+    assert {"config.yaml", "validation.json", "validation.md", "validation_confusion.png"} <= names, names
+    events = sorted(str(p.parent.relative_to(run)) for p in run.rglob("events.out.tfevents.*"))
+    assert events == ["eval/" + evals[0].name, "lightning_logs/version_0", "lightning_logs/version_1"], events
+    assert (work / "predictions/news.txt.labels.jsonl").exists()
+    assert not (work / "predictions/lightning_logs").exists() and not (work / "lightning_logs").exists()
+    for folder in events:
+        assert "hp_metric" not in _events(run / folder).Tags()["scalars"], folder
+    layout = (ROOT / "README.md").read_text().split("## Output layout", 1)[1].split("##", 1)[0]
+    assert "checkpoints/<run>/eval/validate-<date>-<time>/" in layout and "lightning_logs/version_N/" in layout
+
