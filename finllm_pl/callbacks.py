@@ -233,6 +233,24 @@ def run_dir(trainer) -> str:
         if logger else trainer.default_root_dir
 
 
+def logged_step(trainer, pl_module) -> int:
+    """The step TensorBoard puts a value at: the optimizer step (`trainer.global_step`) in fit; in validate the step
+    of the checkpoint being validated (0 for an adapter folder or the untuned base)."""
+    if trainer.state.fn == "fit":
+        return trainer.global_step
+    return int(getattr(pl_module, "_resumed_step", None) or 0)
+
+
+def log_scalars(loggers, values: dict[str, Any], step: int) -> None:
+    """`values` (numbers or 0-d tensors) to every logger at `step`, flushed as Lightning's own logging does."""
+    if not loggers:
+        return
+    metrics = {k: float(v) for k, v in values.items()}
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()
+
+
 class AdapterExport(Callback):
     """At the end of fit, write the adapter in PEFT format with the tokenizer, prompt format and resolved config.
 
@@ -268,8 +286,40 @@ class ValidationReport(Callback):
     log folder (or `out_dir`: validate's <run>/eval/validate-<time>/), and the confusion matrix as an image in
     TensorBoard."""
 
+    SAMPLES = 8  # validation rows shown in TensorBoard (text, gold, predicted, probabilities)
+
     def __init__(self, out_dir: Optional[str] = None) -> None:
         self.out_dir = out_dir
+        self._samples: Optional[str] = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """The first batch's first rows, scored again (one batch: validation_step keeps no scores) for the table."""
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or trainer.global_rank != 0 \
+                or not trainer.loggers:
+            return
+        keep = (batch["gold"] >= 0).nonzero().flatten()[: self.SAMPLES].tolist()
+        if not keep:
+            return
+        with torch.no_grad(), pl_module.backend.labeling():
+            probs = torch.softmax(pl_module.backend.score(batch).float(), -1).cpu()
+        labels = list(pl_module.hparams.labels)
+        tok = pl_module.tokenizer
+        # the prompt around the input text, to show the input alone (a row with its own instruction: all of it)
+        marker = "\ue000"
+        around = trainer.datamodule.build_formatter().render(trainer.datamodule.hparams.get("instruction") or "",
+                                                              marker).split(marker)
+        rows = ["| text | gold | predicted | " + " | ".join(f"p({lab})" for lab in labels) + " |",
+                "|---" * (3 + len(labels)) + "|"]
+        for j in keep:
+            text = tok.decode(batch["prompt_ids"][j][batch["prompt_mask"][j].bool()].tolist())
+            if len(around) == 2 and around[0] in text and text.endswith(around[1]):
+                text = text[text.index(around[0]) + len(around[0]):len(text) - len(around[1])]
+            text = " ".join(text.replace("|", "\\|").split())
+            text = text[:160] + ("..." if len(text) > 160 else "")
+            p = probs[j].tolist()
+            rows.append(f"| {text} | {labels[int(batch['gold'][j])]} | {labels[p.index(max(p))]} | "
+                        + " | ".join(f"{v:.3f}" for v in p) + " |")
+        self._samples = "\n".join(rows)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.global_rank != 0 or not hasattr(pl_module, "last_report"):
@@ -283,9 +333,13 @@ class ValidationReport(Callback):
         paths = write_report(report, out_dir)
         from .metrics import confusion_figure
 
+        step = logged_step(trainer, pl_module)
         for logger in trainer.loggers:
             exp = getattr(logger, "experiment", None)
             if hasattr(exp, "add_figure"):
-                exp.add_figure("val/confusion_matrix", confusion_figure(report), global_step=trainer.global_step)
+                exp.add_figure("val/confusion_matrix", confusion_figure(report), global_step=step)
+            if hasattr(exp, "add_text") and getattr(self, "_samples", None):
+                exp.add_text("val/samples", self._samples, global_step=step)
+        self._samples = None
         rank_zero_info(f"validation: accuracy {report['accuracy']:.4f}, macro-F1 {report['f1_macro']:.4f}, "
                        f"weighted-F1 {report['f1_weighted']:.4f} -> {paths[1]}")

@@ -296,3 +296,35 @@ def test_each_command_writes_its_logs_where_the_readme_says(session):
     layout = (ROOT / "README.md").read_text().split("## Output layout", 1)[1].split("##", 1)[0]
     assert "checkpoints/<run>/eval/validate-<date>-<time>/" in layout and "lightning_logs/version_N/" in layout
 
+
+def test_tensorboard_has_one_step_axis_the_optimizer_steps_and_sample_predictions(session):
+    """Every scalar, image and text at the optimizer step (trainer.global_step): fit's train/* at each step (log
+    every 1), its validations (every 2 steps) at theirs, the resume's from step 5, validate's at its checkpoint's
+    step; 8 sample predictions (text, gold, predicted, probabilities) with each validation."""
+    work, _ = session
+    run = work / "checkpoints/smoke"
+    expected = {"lightning_logs/version_0": ([1, 2, 3, 4], [2, 4]), "lightning_logs/version_1": ([5, 6], [6]),
+                next(str(p.relative_to(run)) for p in (run / "eval").iterdir()): ([], [6])}
+    for folder, (train_steps, val_steps) in expected.items():
+        ea = _events(run / folder)
+        scalars = ea.Tags()["scalars"]
+        train = [t for t in scalars if t.startswith("train/")]
+        val = [t for t in scalars if t.startswith("val/")]
+        assert set(scalars) == set(train) | set(val), (folder, scalars)  # (no "epoch" on a batch axis)
+        assert (len(train) == 6) == bool(train_steps) and len(val) == 4, (folder, scalars)
+        for tag in train:
+            assert [e.step for e in ea.Scalars(tag)] == train_steps, (folder, tag)
+        for tag in val:
+            assert [e.step for e in ea.Scalars(tag)] == val_steps, (folder, tag)
+        assert [e.step for e in ea.Images("val/confusion_matrix")] == val_steps, folder
+        text = ea.Tensors("val/samples/text_summary")
+        assert [e.step for e in text] == val_steps, folder
+        table = text[-1].tensor_proto.string_val[0].decode()
+        rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+        assert len(rows) == 8, table
+        assert "Assistant" not in table and "What is the sentiment" not in table, table  # the input text alone
+        for row in rows:
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert cells[1] in ("negative", "neutral", "positive") and cells[2] in ("negative", "neutral", "positive")
+            probs = [float(c) for c in cells[3:6]]
+            assert abs(sum(probs) - 1) < 2e-3 and cells[2] == ("negative", "neutral", "positive")[probs.index(max(probs))]
