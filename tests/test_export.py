@@ -1,0 +1,68 @@
+"""Adapters and exported models outside the project (issue 26.7-26.9): what an adapter records about its base, the
+README's plain transformers + peft labeling recipe, and 4-bit merged exports."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from finllm_pl.__main__ import cli_main, main
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample.jsonl"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short fit of the smoke config: (run folder, adapter folder, last.ckpt)."""
+    run = tmp_path_factory.mktemp("fit")
+    cli_main(["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--data.train_path", str(SAMPLE),
+              "--trainer.max_steps", "6", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+              "--trainer.default_root_dir", str(run), "--checkpoint.dirpath", str(run / "ck"), *QUIET])
+    return run, run / "ck" / "adapter", run / "ck" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def news(tmp_path_factory):
+    """12 texts to label."""
+    path = tmp_path_factory.mktemp("news") / "news.txt"
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:12]]
+    path.write_text("".join(r["input"].replace("\n", " ") + "\n" for r in rows))
+    return path
+
+
+def _predict(inp, out, *extra, ckpt=None):
+    args = ["predict", "--config", str(ROOT / "configs/smoke.yaml"), "--data.predict_path", str(inp),
+            "--data.predict_output", str(out), *QUIET, *extra]
+    if ckpt:
+        args += ["--ckpt_path", str(ckpt)]
+    cli_main(args)
+    return [json.loads(line) for line in Path(out).read_text().splitlines()]
+
+
+def _export(*args) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(["export", *map(str, args)])
+    return e.value.code
+
+
+# -- 7. what an adapter records about its base model ----------------------------------------------------------------
+def test_an_adapter_records_the_base_model_as_the_user_gave_it(trained, tmp_path, news):
+    """builtin:tiny-deepseek, not the cache path it was built in (another machine has another cache); the folder's
+    model card says how plain peft gets that base; finllm_pl loads the adapter back (predict, export)."""
+    _, adapter, last = trained
+    assert _export(last, "--out", tmp_path / "from_ckpt") == 0
+    for folder in (adapter, tmp_path / "from_ckpt"):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "builtin:tiny-deepseek", folder
+        card = (folder / "README.md").read_text()
+        assert "base_model: builtin:tiny-deepseek" in card and ".cache" not in card and "/tmp/" not in card
+        assert "python -m finllm_pl.assets tiny --out" in card and "PeftModel.from_pretrained" in card
+    rows = _predict(news, tmp_path / "labels.jsonl", ckpt=adapter)
+    assert len(rows) == 12 and all(r["label"] in ("negative", "neutral", "positive") for r in rows)
+    assert _export(adapter, "--out", tmp_path / "merged", "--merged") == 0
+    assert (tmp_path / "merged" / "model.safetensors").exists()
