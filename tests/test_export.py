@@ -66,3 +66,34 @@ def test_an_adapter_records_the_base_model_as_the_user_gave_it(trained, tmp_path
     assert len(rows) == 12 and all(r["label"] in ("negative", "neutral", "positive") for r in rows)
     assert _export(adapter, "--out", tmp_path / "merged", "--merged") == 0
     assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+# -- 8. the README's recipe: label with the adapter using plain transformers + peft ---------------------------------
+def _readme_recipe() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use the adapter without finllm_pl", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_recipe_labels_like_predict(trained, news, tmp_path, tiny_dir):
+    """The README's ~20 lines (base + PeftModel, the prompt from prompt_format.json and the chat template with the
+    think block, log P(label + EOS | prompt), softmax over the labels) give predict's labels and probabilities."""
+    _, adapter, _ = trained
+    code = _readme_recipe()
+    assert len([line for line in code.splitlines() if line.strip()]) <= 32, code  # (imports and 4 settings included)
+    for name, value in (("ADAPTER", repr(str(adapter))), ("BASE", repr(str(tiny_dir))), ("DTYPE", "torch.float32"),
+                        ("TEXTS", "[]")):
+        code, n = re.subn(rf"(?m)^{name} = .*$", f"{name} = {value}", code)
+        assert n == 1, name
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    # bitsandbytes on a CPU with AVX512-BF16 runs its 4-bit matmuls in bf16 (predict turns that off on CPUs, as
+    # model.load_base_model says); off here too, so the comparison is of the recipe, not of bf16 rounding
+    for module in namespace["model"].modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    want = _predict(news, tmp_path / "labels.jsonl", ckpt=adapter)
+    got = [namespace["label"](text) for text in news.read_text().splitlines()]
+    assert [g[0] for g in got] == [w["label"] for w in want]
+    diff = max(abs(g[1][k] - w["probs"][k]) for g, w in zip(got, want) for k in w["probs"])
+    assert diff < 1e-4, diff
