@@ -244,10 +244,32 @@ class FinLLMCLI(LightningCLI):
             if os.path.exists(os.path.join(ckpt, "adapter_config.json")):
                 self.config[f"{sub}.model.adapter_path"] = ckpt
             elif os.path.exists(os.path.join(ckpt, "config.json")):
-                # A merged model is a base model of its own; the tokenizer link was resolved at parse time.
+                # A merged model is a base model of its own; the tokenizer link was resolved at parse time. It labels
+                # as it was saved: 4-bit as its quantization config says, otherwise unquantized unless this command
+                # line asks for a quantization (the config's model.quantization is the training run's, for its base).
                 self.config[f"{sub}.model.model_name_or_path"] = ckpt
                 self.config[f"{sub}.data.tokenizer"] = ckpt
                 self.config[f"{sub}.model.adapter_path"] = None
+                saved = saved_quantization(ckpt)
+                asked = self._explicit_model_settings(sub).get("quantization")
+                if saved and asked not in (None, saved):
+                    raise ConfigError(f"model.quantization={asked}: {ckpt} is saved {saved} (4-bit, its config.json); "
+                                      "leave model.quantization out, or export the merged model without --quantize")
+                self.config[sub].model.quantization = saved or asked or "none"
+                if saved:
+                    # ours, derived from the folder itself: transformers' "the model's quantization_config will be
+                    # used" says nothing then
+                    warnings.filterwarnings("ignore", message=re.escape(
+                        "You passed `quantization_config` or equivalent parameters to `from_pretrained` but the model "
+                        "you're loading already has a `quantization_config` attribute."), category=UserWarning)
+                    if "backend" not in self._explicit_model_settings(sub) and self.config[sub].model.backend != "plain":
+                        # The fast backend proves itself on a stand-in built from the folder's config, which cannot
+                        # be built from a pre-quantized one yet (backend/selfcheck.py): plain, said in one line.
+                        self.config[sub].model.backend = "plain"
+                        from lightning.pytorch.utilities import rank_zero_info
+
+                        rank_zero_info(f"model.backend plain: {ckpt} is saved 4-bit ({saved}); the fast backend "
+                                       "cannot check itself on a pre-quantized model yet")
             else:
                 raise ModelError(f"{ckpt}: folder is neither an adapter (adapter_config.json) nor a model "
                                  "(config.json); give a .ckpt, the adapter folder fit exported or an exported model")
@@ -360,6 +382,18 @@ class FinLLMCLI(LightningCLI):
     def predict(self, **kwargs) -> None:  # (LightningCLI runs this for `predict`, in place of trainer.predict)
         if not getattr(self, "_predict_done", False):
             self.trainer.predict(**kwargs)
+
+
+def saved_quantization(folder: str) -> Optional[str]:
+    """nf4 / fp4 for a model folder saved 4-bit by bitsandbytes (its config.json's quantization_config), else None."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            q = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    return q.get("bnb_4bit_quant_type", "fp4") if q.get("load_in_4bit") else None
 
 
 def eval_dir(root: str) -> str:
