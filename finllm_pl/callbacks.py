@@ -187,6 +187,13 @@ class StepCheckpoint(ModelCheckpoint):
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
 
+    def _monitor_candidates(self, trainer) -> dict[str, Any]:
+        """Checkpoint names take `step` from here: always the optimizer step (validation logs a "step" value, the
+        x value of its TensorBoard points, which Lightning would otherwise take for the name of later checkpoints)."""
+        candidates = super()._monitor_candidates(trainer)
+        candidates["step"] = torch.tensor(trainer.global_step)
+        return candidates
+
     @property
     def state_key(self) -> str:
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)

@@ -280,6 +280,9 @@ def test_each_command_writes_its_logs_where_the_readme_says(session):
     work, _ = session
     run = work / "checkpoints/smoke"
     assert sorted(p.name for p in (run / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    # checkpoint names are optimizer steps (a "step" logged by validation for TensorBoard must not rename them)
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt",
+                                                          "step=000006.ckpt"]
     for version in ("version_0", "version_1"):
         names = {p.name for p in (run / "lightning_logs" / version).iterdir()}
         assert {"config.yaml", "hparams.yaml", "validation.json"} <= names, names
