@@ -189,17 +189,12 @@ def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Op
     the folder it was loaded from (for a builtin, a cache path of this machine); the model card says how to get it.
     """
     base = prompt.get("base_model")
-    configs = getattr(model, "peft_config", {})
-    before = {k: c.base_model_name_or_path for k, c in configs.items()}
     with atomic_dir(out_dir) as tmp:
-        try:
-            for c in configs.values():
-                c.base_model_name_or_path = base or c.base_model_name_or_path
-            model.save_pretrained(str(tmp), safe_serialization=True)  # (peft writes the card from these too)
-        finally:
-            for k, c in configs.items():
-                c.base_model_name_or_path = before[k]
-        if base:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if base:  # (after peft's save: it looks the name up to see whether the vocabulary changed)
+            config = tmp / "adapter_config.json"
+            config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": base},
+                                         indent=2, sort_keys=True) + "\n")
             _add_base_model_note(tmp / "README.md", base)
         tokenizer.save_pretrained(str(tmp))
         (tmp / PROMPT_FILE).write_text(json.dumps(prompt, indent=2, ensure_ascii=False))
