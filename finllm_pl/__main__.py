@@ -1,5 +1,9 @@
-"""`python -m finllm_pl {fit,validate,predict,test} --config configs/<x>.yaml`: the LightningCLI entry point.
-(`python -m finllm_pl export ...` writes deployable adapter or merged folders: see export.py.)
+"""`python -m finllm_pl <command> ...` (installed as `finllm` too): the command line.
+
+Commands, each one line in `--help` (COMMANDS and PLAIN_COMMANDS below):
+  - fit / validate / predict: LightningCLI with YAML configs (configs/); `<command> --help` lists every option,
+    `<command> --config <cfg> --print_config` prints the resolved config with each option's documentation;
+  - export (and every command of PLAIN_COMMANDS): a plain argparse program with no Trainer (see export.py).
 
 What this file adds to a plain LightningCLI:
   - links: model.model_name_or_path -> data.tokenizer, model.trust_remote_code -> data.trust_remote_code,
@@ -12,27 +16,99 @@ What this file adds to a plain LightningCLI:
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any, Optional
 
-import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .callbacks import (AdapterExport, AtomicCheckpointIO, StepCheckpoint, ValidationReport, check_adapter_matches,
-                        check_writable_dir, load_checkpoint_file)
-from .data import InstructionDataModule
-from .errors import ConfigError, FinLLMError, ModelError
-from .module import FinLLM
+class _DropLines(logging.Filter):
+    def __init__(self, says) -> None:
+        super().__init__()
+        self.says = says
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.says(record.getMessage())
+
+
+# Log lines that are false or useless to a user of this CLI, each dropped by a filter on the one logger that says
+# it (and only that line): installed before the imports below, since bitsandbytes speaks when it is imported.
+FALSE_LOG_LINES = {
+    # Lightning's advertisements for its cloud products (litlogger, litmodels), on every run
+    "lightning.pytorch.utilities.rank_zero": lambda m: m.startswith("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud"),
+    # bitsandbytes on AVX512-BF16 CPUs with the `kernels` package and the hub offline: it falls back to its own
+    # kernel (harmless), and the kernel's lookup says it skipped a check it cannot make offline
+    "bitsandbytes.backends.cpu.ops": lambda m: m.startswith("Failed to load CPU gemm_4bit_forward from kernels-"
+                                                            "community") and "offline mode" in m,
+    "kernels._internals.hf_hub": lambda m: m.startswith("Skipping publisher trust check for 'kernels-community/"
+                                                        "quantization-bitsandbytes' because Hugging Face Hub is in "
+                                                        "offline mode"),
+}
+for _name, _says in FALSE_LOG_LINES.items():
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _DropLines) for f in _logger.filters):
+        _logger.addFilter(_DropLines(_says))
+
+import torch  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+
+from .callbacks import (AdapterExport, AtomicCheckpointIO, RunConfig, RunLogger, StepCheckpoint, ValidationReport,
+                        check_adapter_matches, check_writable_dir, load_checkpoint_file)  # noqa: E402
+from .data import InstructionDataModule  # noqa: E402
+from .errors import ConfigError, FinLLMError, ModelError  # noqa: E402
+from .module import FinLLM  # noqa: E402
 
 SPECIAL_CKPT = ("last", "best", "hpc", "registry")
+PROG = "python -m finllm_pl"
+DESCRIPTION = ("QLoRA-tune a causal LLM for financial sentiment (negative / neutral / positive) and label files "
+               "with it.")
+# The commands `--help` lists, in this order, one line each (at most 54 characters: one line of --help). These
+# three run through LightningCLI (a Trainer).
+COMMANDS = {
+    "fit": "train a LoRA adapter (QLoRA) on data.train_path",
+    "validate": "loss, accuracy and F1 of a checkpoint or adapter",
+    "predict": "label a file with a checkpoint, adapter or model",
+}
+# Plain argparse commands (no Trainer), listed after COMMANDS: name -> (module, one help line, at most 54 characters
+# so that it fits on one line of --help). The module's `main(argv, prog)` (or `main(argv)`) parses `argv` and returns
+# the exit status: adding a command is one line here.
+PLAIN_COMMANDS = {
+    "export": ("finllm_pl.export", "write a deployable adapter or merged model folder"),
+}
 
-# Noise that says nothing to a user of this CLI: our checkpoints are taken right after an optimizer step on
-# purpose, and the two deprecations come from inside transformers / Lightning.
-for _pattern in (".*no pre-optimization state was saved.*", ".*is_gradient_checkpointing.*is deprecated.*",
-                 ".*isinstance\\(treespec, LeafSpec\\).*", ".*Checkpoint directory .* exists and is not empty.*"):
-    warnings.filterwarnings("ignore", message=_pattern)
+
+def program_name() -> str:
+    """What the usage lines call this program: `finllm` when run as the console script, else `python -m finllm_pl`."""
+    return "finllm" if os.path.basename(sys.argv[0] or "") == "finllm" else PROG
+
+
+# Warnings that are false or useless here, each matched by its own text (Python's filter matches the start of the
+# message). Installed by every cli_main call: a filter set once at import is lost in a caller that resets the
+# filters, as pytest does for each test.
+FALSE_WARNINGS = [
+    # our checkpoints are taken right after an optimizer step, on purpose (StepCheckpoint); Lightning's text
+    # goes on with an 11-line example of saving the pre-optimization state
+    re.escape("Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization "
+              "state was saved."),
+    # the DataModule's state_dict / load_state_dict make a mid-epoch resume exact (tests/test_training.py)
+    re.escape("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
+              "resumable."),
+    # predict's writer does not use batch indices (it writes the rows each batch carries)
+    re.escape("Couldn't infer the batch indices fetched from your dataloader: `PredictLoader`"),
+    # deprecations inside transformers, Lightning and Lightning's calls into jsonargparse, not in this project's code
+    ".*is_gradient_checkpointing.*is deprecated", ".*isinstance\\(treespec, LeafSpec\\)",
+    "\\s*skip_none parameter was deprecated",
+]
+
+
+def quiet_false_warnings() -> None:
+    for pattern in FALSE_WARNINGS:  # (filterwarnings replaces an identical filter: calling again adds none)
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning if pattern[0] not in ".\\" else Warning)
+
+
+quiet_false_warnings()
 
 
 class _Parser(LightningArgumentParser):
@@ -42,11 +118,103 @@ class _Parser(LightningArgumentParser):
 
     def error(self, message: str, ex: Optional[Exception] = None):  # one line, not a usage wall
         first = " ".join(str(message).split())
-        sys.stderr.write(f"error: {first[:400]} (see `python -m finllm_pl <command> --help` for every option)\n")
+        sys.stderr.write(f"error: {first[:400]} (see `{program_name()} <command> --help` for every option)\n")
         sys.exit(2)
+
+    def dump(self, cfg=None, *args, **kwargs) -> str:
+        """`--print_config` prints every option with its documentation, as YAML comments (jsonargparse's own
+        `comments` flag needs ruamel.yaml); every other dump (the config.yaml a run saves) stays plain."""
+        if "skip_none" in kwargs:  # (Lightning still passes jsonargparse's old name; said here, its warning would
+            kwargs["skip_unset"] = kwargs.pop("skip_none")  # point at this module, __main__, where Python shows it)
+        text = super().dump(cfg, *args, **kwargs)
+        root = self
+        while hasattr(root, "parent_parser"):
+            root = root.parent_parser
+        if hasattr(root, "print_config") and kwargs.get("format", "parser_mode") in ("parser_mode", "yaml"):
+            text = documented_yaml(text, self)
+        return text
+
+
+# What each section of a config is (the classes' docstrings say it for the options, not for the sections).
+SECTION_DOCS = {
+    "seed_everything": None,
+    "trainer": "Lightning Trainer: devices, precision, run length, validation and logging cadence "
+               "(https://lightning.ai/docs/pytorch/stable/common/trainer.html)",
+    "model": "FinLLM (finllm_pl/module.py): base model, quantization, LoRA, optimizer and LR schedule, "
+             "accumulation, execution backend, labeling",
+    "data": "InstructionDataModule (finllm_pl/data.py): files, prompt format, labels, lengths, batch sizes, "
+            "predict's input and output",
+    "checkpoint": "ModelCheckpoint: a checkpoint every N optimizer steps and last.ckpt (adapter-only, a few MB)",
+}
+
+
+def documented_yaml(text: str, parser) -> str:
+    """`text` (a YAML mapping) with each key's help from `parser` as `# ...` lines above it, wrapped to 110
+    columns. The keys are found by PyYAML's own parser (never inside a multi-line string)."""
+    import textwrap
+
+    import yaml
+
+    helps = {a.dest: " ".join(str(a.help).split()) for a in parser._actions
+             if a.help and a.help != "==SUPPRESS==" and a.dest and not a.dest.endswith(".help")
+             and type(a).__name__ != "_ActionConfigLoad"}
+    helps.update({k: v for k, v in SECTION_DOCS.items() if v and k not in helps})
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return text
+    comments: dict[int, tuple[int, str]] = {}  # line -> (column, help)
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = f"{path}.{key.value}" if path else str(key.value)
+                if name in helps:
+                    comments[key.start_mark.line] = (key.start_mark.column, helps[name])
+                walk(value, name)
+
+    walk(root, "")
+    out = []
+    for i, line in enumerate(text.splitlines()):
+        if i in comments:
+            col, doc = comments[i]
+            out += textwrap.wrap(doc, 110, initial_indent=" " * col + "# ", subsequent_indent=" " * col + "# ",
+                                 break_on_hyphens=False)
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 class FinLLMCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate, predict: Lightning's `test` needs a test_step, which this model has no use for."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in COMMANDS}
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        for action in parser._actions:
+            if "--print_config" in action.option_strings:
+                action.help = ("Print the resolved config as YAML, every option with its documentation as "
+                               "comments, and exit; e.g. `fit --config <cfg> --print_config > my.yaml`. Flags "
+                               "(=flag,...): skip_default, skip_unset.")
+        return parser
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's, with our help lines, and the plain commands listed too (main() runs them, not this parser)."""
+        from lightning.pytorch import Trainer
+
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        subcommands = parser.add_subcommands(
+            title="commands", description=f"`{program_name()} <command> --help` for a command's options.")
+        for name, line in COMMANDS.items():
+            sub_kwargs = {"description": line[0].upper() + line[1:] + ".", **kwargs.get(name, {})}
+            sub = self._prepare_subcommand_parser(Trainer, name, **sub_kwargs)
+            self._subcommand_parsers[name] = sub
+            subcommands.add_subcommand(name, sub, help=line)
+            sub.prog = f"{program_name()} {name}"  # (jsonargparse's "[options]" in between: none are needed there)
+        for name, (_, line) in PLAIN_COMMANDS.items():
+            subcommands.add_subcommand(name, self.parser_class(description=line), help=line)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer", apply_on="parse")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code", apply_on="parse")
@@ -76,10 +244,24 @@ class FinLLMCLI(LightningCLI):
             if os.path.exists(os.path.join(ckpt, "adapter_config.json")):
                 self.config[f"{sub}.model.adapter_path"] = ckpt
             elif os.path.exists(os.path.join(ckpt, "config.json")):
-                # A merged model is a base model of its own; the tokenizer link was resolved at parse time.
+                # A merged model is a base model of its own; the tokenizer link was resolved at parse time. It labels
+                # as it was saved: 4-bit as its quantization config says, otherwise unquantized unless this command
+                # line asks for a quantization (the config's model.quantization is the training run's, for its base).
                 self.config[f"{sub}.model.model_name_or_path"] = ckpt
                 self.config[f"{sub}.data.tokenizer"] = ckpt
                 self.config[f"{sub}.model.adapter_path"] = None
+                saved = saved_quantization(ckpt)
+                asked = self._explicit_model_settings(sub).get("quantization")
+                if saved and asked not in (None, saved):
+                    raise ConfigError(f"model.quantization={asked}: {ckpt} is saved {saved} (4-bit, its config.json); "
+                                      "leave model.quantization out, or export the merged model without --quantize")
+                self.config[sub].model.quantization = saved or asked or "none"
+                if saved:
+                    # ours, derived from the folder itself: transformers' "the model's quantization_config will be
+                    # used" says nothing then
+                    warnings.filterwarnings("ignore", message=re.escape(
+                        "You passed `quantization_config` or equivalent parameters to `from_pretrained` but the model "
+                        "you're loading already has a `quantization_config` attribute."), category=UserWarning)
             else:
                 raise ModelError(f"{ckpt}: folder is neither an adapter (adapter_config.json) nor a model "
                                  "(config.json); give a .ckpt, the adapter folder fit exported or an exported model")
@@ -110,13 +292,35 @@ class FinLLMCLI(LightningCLI):
             raise ConfigError("trainer.accumulate_grad_batches: use model.accumulate_grad_batches (manual optimization)")
         if cfg.trainer.get("gradient_clip_val"):
             raise ConfigError("trainer.gradient_clip_val: use model.gradient_clip_val (manual optimization)")
+        check_model_settings(cfg.model)
 
     def instantiate_trainer(self, **kwargs):
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins = [AtomicCheckpointIO(), *plugins]  # crash-safe checkpoint files unless the user brings an IO
-        return super().instantiate_trainer(plugins=plugins, **kwargs)
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        root = trainer_cfg.get("default_root_dir") or os.getcwd()
+        self.eval_dir = eval_dir(root) if self.subcommand == "validate" else None
+        if trainer_cfg.get("logger") in (None, True):  # Lightning's default logger, in this project's layout
+            kwargs["logger"] = self._default_logger(root)
+        trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
+        for cb in trainer.callbacks:
+            if isinstance(cb, ValidationReport) and self.eval_dir:
+                cb.out_dir = self.eval_dir
+        return trainer
+
+    def _default_logger(self, root: str):
+        """fit: TensorBoard in <root>/lightning_logs/version_N (N a new number each run, resumes included);
+        validate: <root>/eval/validate-<time>/ (its report, scalars and config); predict: none (its outputs are the
+        labels and metrics files). No `hp_metric = -1` placeholder anywhere."""
+        if self.subcommand == "predict":
+            return False
+        if self.subcommand == "validate":
+            return RunLogger(save_dir=os.path.dirname(self.eval_dir), name="", version=os.path.basename(self.eval_dir))
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        return RunLogger(save_dir=root, version=SLURMEnvironment.job_id())
 
     def before_fit(self) -> None:
         cb = self.trainer.checkpoint_callback
@@ -172,14 +376,105 @@ class FinLLMCLI(LightningCLI):
             self.trainer.predict(**kwargs)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """`export` is a plain command (no Trainer); everything else is LightningCLI."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] == ["export"]:
-        from .export import main as export_main
+def saved_quantization(folder: str) -> Optional[str]:
+    """nf4 / fp4 for a model folder saved 4-bit by bitsandbytes (its config.json's quantization_config), else None."""
+    import json
 
-        sys.exit(export_main(args[1:]))
-    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            q = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    return q.get("bnb_4bit_quant_type", "fp4") if q.get("load_in_4bit") else None
+
+
+def eval_dir(root: str) -> str:
+    """validate's folder: <root>/eval/validate-<date>-<time> (-2, -3, ... when one of that second exists)."""
+    import time
+
+    base = os.path.join(root, "eval", f"validate-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = base, 2
+    while os.path.exists(path):
+        path, n = f"{base}-{n}", n + 1
+    return path
+
+
+def check_model_settings(m) -> None:
+    """Model settings that would otherwise fail only after the data was read and the model loaded (minutes on a
+    real model), checked from the config alone: LoRA's shape, the base model and the adapter folder, and the LoRA
+    targets against the model's config.json (its modules built on the meta device: no weights read)."""
+    from . import model as hf
+
+    for bad, message in ((m.lora_r < 1, f"model.lora_r must be >= 1, got {m.lora_r}"),
+                         (m.lora_alpha <= 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}"),
+                         (not 0 <= m.lora_dropout < 1, f"model.lora_dropout must be in [0, 1), got {m.lora_dropout}"),
+                         (not m.lora_target_modules, "model.lora_target_modules is empty; name the linear layers "
+                                                     "LoRA adapts, e.g. [q_proj, k_proj, v_proj, o_proj]")):
+        if bad:
+            raise ConfigError(message)
+    if m.adapter_path:
+        if not os.path.isdir(m.adapter_path):
+            raise ConfigError(f"model.adapter_path={m.adapter_path}: no such folder; give the adapter folder fit "
+                              "exported (<run>/adapter)")
+        if not os.path.isfile(os.path.join(m.adapter_path, "adapter_config.json")):
+            raise ConfigError(f"model.adapter_path={m.adapter_path}: not an adapter folder (no adapter_config.json); "
+                              "give the adapter folder fit exported (<run>/adapter)")
+    name = m.model_name_or_path
+    if name.startswith("builtin:"):
+        from .assets import BUILTINS
+
+        if name.split(":", 1)[1] not in BUILTINS:
+            raise ModelError(f"model.model_name_or_path={name!r}: unknown built-in model; known: "
+                             + ", ".join(f"builtin:{k}" for k in sorted(BUILTINS)))
+    folder = hf.resolve_model_path(name)  # a missing folder, or one without config.json: a ModelError here
+    if m.adapter_path or m.trust_remote_code:
+        return  # (an adapter brings its own targets; remote code is not run to look)
+    available = _linear_layers(folder)
+    missing = [t for t in m.lora_target_modules if available is not None and t not in available]
+    if missing:
+        raise ModelError(f"model.lora_target_modules: {missing} not in this model; its linear layers are: "
+                         f"{', '.join(available)}")
+
+
+def _linear_layers(folder: str) -> Optional[list[str]]:
+    """The LoRA-targetable linear layers of the model whose config.json is in `folder` (or in the hub cache for a
+    hub id), its modules built on the meta device; None when that cannot be known cheaply."""
+    from . import model as hf
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(folder, "config.json")
+        except Exception:  # noqa: BLE001  (not a valid hub id: the load will say so)
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = cached
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(os.path.dirname(path))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return hf.linear_module_names(model)
+    except Exception:  # noqa: BLE001  (an architecture this transformers cannot build: the load will say so)
+        return None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The program: a PLAIN_COMMANDS command runs its own parser (no Trainer); everything else is LightningCLI."""
+    cli_main(argv)
+
+
+def _run_plain(name: str, args: list[str]) -> int:
+    import importlib
+    import inspect
+
+    fn = importlib.import_module(PLAIN_COMMANDS[name][0]).main
+    prog = f"{program_name()} {name}"
+    return fn(args, prog=prog) if "prog" in inspect.signature(fn).parameters else fn(args)
 
 
 def _check_config_files(args: list[str]) -> None:
@@ -202,8 +497,12 @@ def _check_config_files(args: list[str]) -> None:
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:
     """Run the CLI (tests call this in-process). `run=False` parses and builds the objects without running."""
+    argv = sys.argv[1:] if args is None else list(args)
+    quiet_false_warnings()
+    if argv[:1] and argv[0] in PLAIN_COMMANDS:
+        sys.exit(_run_plain(argv[0], argv[1:]))
     try:
-        _check_config_files(sys.argv[1:] if args is None else list(args))
+        _check_config_files(argv)
         return FinLLMCLI(
             FinLLM,
             InstructionDataModule,
@@ -211,11 +510,13 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> FinLLMCLI:
             run=run,
             auto_configure_optimizers=False,
             seed_everything_default=42,
+            save_config_callback=RunConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [AdapterExport(), ValidationReport()]},
             subclass_mode_model=False,
             subclass_mode_data=False,
             parser_class=_Parser,
+            parser_kwargs={"prog": program_name(), "description": DESCRIPTION},
         )
     except FinLLMError as e:
         sys.stderr.write(f"error: {e}\n")

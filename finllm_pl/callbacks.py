@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .errors import ConfigError, ModelError
 from .files import atomic_file
@@ -38,6 +42,56 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(str(path), map_location)
 
 
+class RunLogger(TensorBoardLogger):
+    """TensorBoard (`default_hp_metric` off: no `hp_metric = -1` placeholder) whose folder and events file appear
+    with the first thing written to it. Lightning touches `logger.experiment` while setting up, before the data is
+    read and the model loads; a plain TensorBoardLogger then creates `version_N/events...` at once, and a run that
+    fails on a bad row or setting leaves it behind. Here that touch gets a stand-in that makes the writer on first
+    use."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("default_hp_metric", False)
+        super().__init__(*args, **kwargs)
+
+    @property
+    def experiment(self):
+        if self._experiment is None and self._experiment_or_none() is None:
+            return _WriterOnFirstUse(self)
+        return TensorBoardLogger.experiment.fget(self)
+
+    def _experiment_or_none(self):
+        from lightning.pytorch.utilities import rank_zero_only
+
+        return None if rank_zero_only.rank == 0 else TensorBoardLogger.experiment.fget(self)  # (a dummy elsewhere)
+
+
+class _WriterOnFirstUse:
+    def __init__(self, logger: RunLogger) -> None:
+        self._logger = logger
+
+    def __getattr__(self, name: str):
+        return getattr(TensorBoardLogger.experiment.fget(self._logger), name)
+
+
+class RunConfig(SaveConfigCallback):
+    """LightningCLI's config.yaml (the resolved config, in the run's log folder), saved when the run starts: fit
+    at its first step, validate as its loop starts; not at setup (a run stopped by a bad row or a bad setting left
+    one behind). predict saves none: its job record says what its output belongs to."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        pass
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            super().setup(trainer, pl_module, "validate")
+
+
+NOT_EMPTY = r"Checkpoint directory .* exists and is not empty\.$"
+
+
 class StepCheckpoint(ModelCheckpoint):
     """ModelCheckpoint (the CLI's `checkpoint` section), made for resuming after a kill:
 
@@ -55,14 +109,36 @@ class StepCheckpoint(ModelCheckpoint):
     Its state key stays ModelCheckpoint's, so the checkpoints written before keep resuming their callback state.
     """
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Lightning warns here when the folder holds files: expected when fit resumes from a checkpoint of this
+        very folder. Which checkpoint fit resumes from is known only later (trainer.ckpt_path is set after setup),
+        so that one warning waits for on_train_start, said there unless the run resumed from this folder."""
+        if stage != "fit":
+            return super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().setup(trainer, pl_module, stage)
+        self._not_empty = None
+        for w in caught:
+            if re.match(NOT_EMPTY, str(w.message)):
+                self._not_empty = str(w.message)
+            else:  # anything else: said now, through the filters in force
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def _resumes_here(self, trainer) -> bool:
+        """Resumed from a checkpoint of its own folder."""
+        return bool(trainer.ckpt_path and self.dirpath
+                    and Path(trainer.ckpt_path).resolve().parent == Path(self.dirpath).resolve())
+
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         assert hasattr(self, "_last_global_step_saved") and hasattr(self, "_enable_version_counter"), \
             "lightning's ModelCheckpoint changed: review StepCheckpoint"
         self._last_global_step_saved = trainer.global_step
-        if trainer.ckpt_path and self.dirpath and \
-                Path(trainer.ckpt_path).resolve().parent == Path(self.dirpath).resolve():
+        if self._resumes_here(trainer):
             self._enable_version_counter = False
+        elif getattr(self, "_not_empty", None):
+            rank_zero_warn(self._not_empty)
         self._interrupted = False
         self._previous_handler = None
         if threading.current_thread() is threading.main_thread():  # (signal handlers: main thread only)
@@ -111,6 +187,13 @@ class StepCheckpoint(ModelCheckpoint):
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
 
+    def _monitor_candidates(self, trainer) -> dict[str, Any]:
+        """Checkpoint names take `step` from here: always the optimizer step (validation logs a "step" value, the
+        x value of its TensorBoard points, which Lightning would otherwise take for the name of later checkpoints)."""
+        candidates = super()._monitor_candidates(trainer)
+        candidates["step"] = torch.tensor(trainer.global_step)
+        return candidates
+
     @property
     def state_key(self) -> str:
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
@@ -157,6 +240,24 @@ def run_dir(trainer) -> str:
         if logger else trainer.default_root_dir
 
 
+def logged_step(trainer, pl_module) -> int:
+    """The step TensorBoard puts a value at: the optimizer step (`trainer.global_step`) in fit; in validate the step
+    of the checkpoint being validated (0 for an adapter folder or the untuned base)."""
+    if trainer.state.fn == "fit":
+        return trainer.global_step
+    return int(getattr(pl_module, "_resumed_step", None) or 0)
+
+
+def log_scalars(loggers, values: dict[str, Any], step: int) -> None:
+    """`values` (numbers or 0-d tensors) to every logger at `step`, flushed as Lightning's own logging does."""
+    if not loggers:
+        return
+    metrics = {k: float(v) for k, v in values.items()}
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()
+
+
 class AdapterExport(Callback):
     """At the end of fit, write the adapter in PEFT format with the tokenizer, prompt format and resolved config.
 
@@ -189,7 +290,43 @@ class AdapterExport(Callback):
 
 class ValidationReport(Callback):
     """After each validation: accuracy / F1 / per-class / confusion matrix as JSON + Markdown + PNG in the run's
-    log folder, and the confusion matrix as an image in TensorBoard."""
+    log folder (or `out_dir`: validate's <run>/eval/validate-<time>/), and the confusion matrix as an image in
+    TensorBoard."""
+
+    SAMPLES = 8  # validation rows shown in TensorBoard (text, gold, predicted, probabilities)
+
+    def __init__(self, out_dir: Optional[str] = None) -> None:
+        self.out_dir = out_dir
+        self._samples: Optional[str] = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """The first batch's first rows, scored again (one batch: validation_step keeps no scores) for the table."""
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or trainer.global_rank != 0 \
+                or not trainer.loggers:
+            return
+        keep = (batch["gold"] >= 0).nonzero().flatten()[: self.SAMPLES].tolist()
+        if not keep:
+            return
+        with torch.no_grad(), pl_module.backend.labeling():
+            probs = torch.softmax(pl_module.backend.score(batch).float(), -1).cpu()
+        labels = list(pl_module.hparams.labels)
+        tok = pl_module.tokenizer
+        # the prompt around the input text, to show the input alone (a row with its own instruction: all of it)
+        marker = "\ue000"
+        around = trainer.datamodule.build_formatter().render(trainer.datamodule.hparams.get("instruction") or "",
+                                                              marker).split(marker)
+        rows = ["| text | gold | predicted | " + " | ".join(f"p({lab})" for lab in labels) + " |",
+                "|---" * (3 + len(labels)) + "|"]
+        for j in keep:
+            text = tok.decode(batch["prompt_ids"][j][batch["prompt_mask"][j].bool()].tolist())
+            if len(around) == 2 and around[0] in text and text.endswith(around[1]):
+                text = text[text.index(around[0]) + len(around[0]):len(text) - len(around[1])]
+            text = " ".join(text.replace("|", "\\|").split())
+            text = text[:160] + ("..." if len(text) > 160 else "")
+            p = probs[j].tolist()
+            rows.append(f"| {text} | {labels[int(batch['gold'][j])]} | {labels[p.index(max(p))]} | "
+                        + " | ".join(f"{v:.3f}" for v in p) + " |")
+        self._samples = "\n".join(rows)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.global_rank != 0 or not hasattr(pl_module, "last_report"):
@@ -199,13 +336,17 @@ class ValidationReport(Callback):
         if trainer.ckpt_path:
             report["checkpoint"] = str(trainer.ckpt_path)
         report["step"] = trainer.global_step
-        out_dir = run_dir(trainer)
+        out_dir = self.out_dir or run_dir(trainer)
         paths = write_report(report, out_dir)
         from .metrics import confusion_figure
 
+        step = logged_step(trainer, pl_module)
         for logger in trainer.loggers:
             exp = getattr(logger, "experiment", None)
             if hasattr(exp, "add_figure"):
-                exp.add_figure("val/confusion_matrix", confusion_figure(report), global_step=trainer.global_step)
+                exp.add_figure("val/confusion_matrix", confusion_figure(report), global_step=step)
+            if hasattr(exp, "add_text") and getattr(self, "_samples", None):
+                exp.add_text("val/samples", self._samples, global_step=step)
+        self._samples = None
         rank_zero_info(f"validation: accuracy {report['accuracy']:.4f}, macro-F1 {report['f1_macro']:.4f}, "
                        f"weighted-F1 {report['f1_weighted']:.4f} -> {paths[1]}")

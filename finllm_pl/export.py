@@ -1,4 +1,4 @@
-"""`python -m finllm_pl export SOURCE --out DIR [--merged]`: deployable folders from a run.
+"""`python -m finllm_pl export SOURCE --out DIR [--merged [--quantize nf4]]`: deployable folders from a run.
 
 SOURCE is the adapter folder `fit` exported (checkpoints/<run>/adapter) or any `.ckpt` that fit wrote (the
 checkpoint carries the model and data settings, so no config is needed). Two outputs:
@@ -7,7 +7,10 @@ checkpoint carries the model and data settings, so no config is needed). Two out
     the 4-bit or the full base (peft, vLLM's LoRA support); `predict --ckpt_path DIR` takes it.
   - merged (--merged): a plain transformers model folder, the LoRA folded into the base weights, safetensors in
     --dtype (bf16 by default), with the tokenizer and prompt format; loads without peft or bitsandbytes, and
-    `predict --ckpt_path DIR` takes it too (labeled with whatever model.quantization the config asks for).
+    `predict --ckpt_path DIR` takes it too (labeled as it is: unquantized, unless --model.quantization is given).
+  - merged 4-bit (--merged --quantize nf4): the same, its linear layers then saved 4-bit by bitsandbytes with their
+    quantization config: `AutoModelForCausalLM.from_pretrained(DIR)` loads it 4-bit, and so does predict. The
+    LoRA update is rounded to NF4 with the weights: labels as the adapter on the 4-bit base, approximately.
 
 Which base weights the LoRA is folded into (--merge-into): `trained` (default) is the base as training saw it:
 for a QLoRA run, the NF4 weights dequantized, so the merged model computes exactly what the adapter on the
@@ -73,8 +76,10 @@ def adapter_from_checkpoint(ckpt_path: str, out_dir: str) -> Path:
 
 def merged_from_adapter(adapter_dir: str, out_dir: str, dtype: torch.dtype = torch.bfloat16,
                         merge_into: str = "trained", base: Optional[str] = None,
-                        trust_remote_code: bool = False) -> Path:
-    """A plain transformers folder: base weights (as trained, or original) + the LoRA update, in `dtype`."""
+                        trust_remote_code: bool = False, quantize: str = "none") -> Path:
+    """A plain transformers folder: base weights (as trained, or original) + the LoRA update, in `dtype`; with
+    `quantize` (nf4 / fp4) the merged linear layers saved 4-bit by bitsandbytes (double quantization, compute dtype
+    `dtype`) with their quantization config, so `AutoModelForCausalLM.from_pretrained(out_dir)` loads them 4-bit."""
     prompt = hf.read_prompt_format(adapter_dir) or {}
     base = base or prompt.get("base_model") or _adapter_base(adapter_dir)
     quant = prompt.get("quantization", "none") if merge_into == "trained" else "none"
@@ -83,17 +88,33 @@ def merged_from_adapter(adapter_dir: str, out_dir: str, dtype: torch.dtype = tor
     if quant != "none":
         model = model.dequantize()  # the exact NF4/FP4 values training used, as fp32 nn.Linear weights
     merged = hf.load_adapter(model, adapter_dir).merge_and_unload()
-    merged.to(dtype)
-    merged.config.dtype = dtype
     tok = hf.load_tokenizer(adapter_dir if os.path.exists(os.path.join(adapter_dir, "tokenizer_config.json")) else base,
                             trust_remote_code)
     with atomic_dir(out_dir) as tmp:
-        merged.save_pretrained(str(tmp), safe_serialization=True)
+        if quantize == "none":
+            merged.to(dtype)
+            merged.config.dtype = dtype
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            _save_4bit(merged, tmp, quantize, dtype, trust_remote_code)
         tok.save_pretrained(str(tmp))
         for extra in (hf.PROMPT_FILE, hf.CONFIG_FILE):
             if (Path(adapter_dir) / extra).exists():
                 shutil.copy(Path(adapter_dir) / extra, tmp / extra)
     return Path(out_dir)
+
+
+def _save_4bit(merged, out: Path, quantize: str, dtype: torch.dtype, trust_remote_code: bool) -> None:
+    """The fp32 merged model quantized by bitsandbytes as a 4-bit load does (blockwise absmax, NF4/FP4 codes, double
+    quantization), on the CPU (the same bits on any machine), and saved with its quantization config. The LoRA
+    update is rounded with the weights: see the README's export line for what that costs."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fp32-") as plain:
+        merged.save_pretrained(plain, safe_serialization=True)
+        model = hf.load_base_model(plain, quantize, dtype, torch.device("cpu"), trust_remote_code=trust_remote_code)
+        model.config.dtype = dtype
+        model.save_pretrained(str(out), safe_serialization=True)
 
 
 def _adapter_base(adapter_dir: str) -> str:
@@ -104,10 +125,13 @@ def _adapter_base(adapter_dir: str) -> str:
 
 
 def export(source: str, out: str, merged: bool = False, dtype: str = "bfloat16", merge_into: str = "trained",
-           base: Optional[str] = None, trust_remote_code: bool = False) -> Path:
+           base: Optional[str] = None, trust_remote_code: bool = False, quantize: str = "none") -> Path:
     src = Path(source)
     if Path(out).resolve() == src.resolve():
         raise ModelError(f"--out {out} is the source itself; choose another folder")
+    if quantize != "none" and not merged:
+        raise ModelError(f"--quantize {quantize} quantizes a merged model: add --merged (an adapter is the LoRA alone; "
+                         "serve it on the 4-bit base)")
     if src.is_dir():
         if not (src / "adapter_config.json").exists():
             raise ModelError(f"{source}: folder is not an adapter (no adapter_config.json); give the folder fit "
@@ -124,31 +148,38 @@ def export(source: str, out: str, merged: bool = False, dtype: str = "bfloat16",
 
         with tempfile.TemporaryDirectory() as td:
             adapter = str(adapter_from_checkpoint(str(src), os.path.join(td, "adapter")))
-            return merged_from_adapter(adapter, out, getattr(torch, dtype), merge_into, base, trust_remote_code)
+            return merged_from_adapter(adapter, out, getattr(torch, dtype), merge_into, base, trust_remote_code,
+                                       quantize)
     else:
         raise ModelError(f"{source}: no such checkpoint file or adapter folder")
-    return merged_from_adapter(adapter, out, getattr(torch, dtype), merge_into, base, trust_remote_code)
+    return merged_from_adapter(adapter, out, getattr(torch, dtype), merge_into, base, trust_remote_code, quantize)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m finllm_pl export", allow_abbrev=False,
+def main(argv: Optional[list[str]] = None, prog: str = "python -m finllm_pl export") -> int:
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="adapter folder (checkpoints/<run>/adapter) or a .ckpt written by fit")
     p.add_argument("--out", required=True, help="folder to write (replaced atomically if it exists)")
     p.add_argument("--merged", action="store_true", help="fold the LoRA into the base: a plain transformers model")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="weights dtype of the merged model")
+                   help="weights dtype of the merged model (with --quantize: of its unquantized parts and the 4-bit "
+                        "layers' compute dtype)")
+    p.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4"],
+                   help="with --merged: save the merged linear layers 4-bit (bitsandbytes, double quantization); plain "
+                        "AutoModelForCausalLM.from_pretrained(DIR) loads them 4-bit")
     p.add_argument("--merge-into", default="trained", choices=["trained", "original"],
                    help="trained: the base as training saw it (NF4 dequantized for QLoRA); original: unquantized base")
     p.add_argument("--base", help="base model to merge into (default: the one recorded beside the adapter)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model folder")
     a = p.parse_args(argv)
     try:
-        out = export(a.source, a.out, a.merged, a.dtype, a.merge_into, a.base, a.trust_remote_code)
+        out = export(a.source, a.out, a.merged, a.dtype, a.merge_into, a.base, a.trust_remote_code, a.quantize)
     except FinLLMError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
-    print(f"{'merged model' if a.merged else 'adapter'} written to {out}", file=sys.stderr)
+    what = f"merged model ({a.quantize}, 4-bit)" if a.merged and a.quantize != "none" else \
+        "merged model" if a.merged else "adapter"
+    print(f"{what} written to {out}", file=sys.stderr)
     return 0
 
 

@@ -184,15 +184,48 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False):
 def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Optional[str] = None) -> Path:
     """PEFT adapter folder (adapter_config.json + adapter_model.safetensors), tokenizer, prompt format, config.
 
-    Loadable with `PeftModel.from_pretrained(base, out_dir)`; written to a temp folder and renamed.
+    Loadable with `PeftModel.from_pretrained(base, out_dir)`; written to a temp folder and renamed. The base model
+    is recorded as the user gave it (`prompt["base_model"]`: a hub id, a path as given, or builtin:<name>), not as
+    the folder it was loaded from (for a builtin, a cache path of this machine); the model card says how to get it.
     """
+    base = prompt.get("base_model")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        if base:  # (after peft's save: it looks the name up to see whether the vocabulary changed)
+            config = tmp / "adapter_config.json"
+            config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": base},
+                                         indent=2, sort_keys=True) + "\n")
+            _add_base_model_note(tmp / "README.md", base)
         tokenizer.save_pretrained(str(tmp))
         (tmp / PROMPT_FILE).write_text(json.dumps(prompt, indent=2, ensure_ascii=False))
         if config_yaml:
             (tmp / CONFIG_FILE).write_text(config_yaml)
     return Path(out_dir)
+
+
+# How plain transformers gets each builtin: base model (the folder the command writes is the base to load)
+BUILTIN_RECIPES = {"tiny-deepseek": "python -m finllm_pl.assets tiny --out tiny-deepseek"}
+
+
+def _add_base_model_note(card: Path, base: str) -> None:
+    """A section at the top of the adapter's model card: the base model and how to load the adapter on it."""
+    if base.startswith("builtin:"):
+        recipe = BUILTIN_RECIPES.get(base.split(":", 1)[1], "python -m finllm_pl.assets --help")
+        where = (f"`{base}` is a model finllm_pl builds offline, not a hub id: `{recipe}` writes it to a folder; "
+                 "load that folder as the base")
+        folder = recipe.rsplit(" ", 1)[-1]
+    else:
+        where, folder = f"`{base}` (a hub id, or a folder as given when training)", base
+    note = (f"\n## Base model\n\n{where}:\n\n```python\nfrom peft import PeftModel\nfrom transformers import "
+            f"AutoModelForCausalLM\n\nbase = AutoModelForCausalLM.from_pretrained(\"{folder}\")\nmodel = "
+            "PeftModel.from_pretrained(base, \"<this folder>\")\n```\n\nTrained on the base as prompt_format.json's "
+            "`quantization` says (nf4: 4-bit NF4, double quantization); prompts exactly as prompt_format.json "
+            "describes (finllm_pl's README: \"Use the adapter without finllm_pl\"). With finllm_pl: `python -m "
+            "finllm_pl predict --config <cfg> --ckpt_path <this folder> --data.predict_path <file>`.\n")
+    text = card.read_text(encoding="utf-8") if card.exists() else ""
+    head, sep, rest = text.partition("\n---\n") if text.startswith("---\n") else ("", "", text)
+    head = re.sub(r"(?m)^(base_model: |- base_model:adapter:).*$", lambda m: m.group(1) + base, head)  # (peft: the path)
+    card.write_text(head + sep + note + rest, encoding="utf-8")
 
 
 def build(name: str, quantization: Quantization, compute_dtype: torch.dtype, device: torch.device,

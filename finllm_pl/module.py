@@ -292,9 +292,17 @@ class FinLLM(L.LightningModule):
         self._nonfinite_count = self._nonfinite_count + fault.long()
         elapsed = max(time.perf_counter() - w["t0"], 1e-9)
         mean_loss = loss_total / tokens.clamp(min=1.0)
-        self.log_dict({"train/loss": mean_loss, "train/lr": torch.tensor(lr), "train/grad_norm": grad_norm / loss_scale,
-                       "train/tokens_per_s": all_tokens / elapsed, "train/supervised_tokens": tokens,
-                       "train/nonfinite_steps": self._nonfinite_count.double()}, rank_zero_only=True)
+        logged = {"train/loss": mean_loss, "train/lr": torch.tensor(lr), "train/grad_norm": grad_norm / loss_scale,
+                  "train/tokens_per_s": all_tokens / elapsed, "train/supervised_tokens": tokens,
+                  "train/nonfinite_steps": self._nonfinite_count.double()}
+        self.log_dict(logged, logger=False, rank_zero_only=True)  # (callback_metrics; TensorBoard just below)
+        # TensorBoard at the optimizer step (Lightning's logger step counts micro-batches under manual optimization),
+        # every trainer.log_every_n_steps optimizer steps and at the run's last: the values are read back then only
+        if self.trainer.is_global_zero and (self.global_step % self.trainer.log_every_n_steps == 0
+                                             or self.global_step == self.schedule.total_steps):
+            from .callbacks import log_scalars
+
+            log_scalars(self.loggers, logged, self.global_step)
         for name, value in self._shown.items():  # the progress bar shows the previous step's (already read back)
             self.log(name, torch.tensor(value), prog_bar=True, logger=False, rank_zero_only=True)
         # read back next step: pinned memory, so the copy does not wait for the GPU; the event says when it landed
@@ -376,6 +384,11 @@ class FinLLM(L.LightningModule):
                          calibrated=self.calibration is not None)
             for k in ("ece", "brier"):
                 self.log(f"val/{k}", extra[k], sync_dist=True, rank_zero_only=True)
+        # Lightning's way to put them at the optimizer step: a logged "step" is the logger's x value (validate: the
+        # checkpoint's step)
+        from .callbacks import logged_step
+
+        self.log("step", float(logged_step(self.trainer, self)), sync_dist=True, rank_zero_only=True)
         self.last_report = summarize(values, self.hparams.labels, extra)
 
     def _gather_scores(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

@@ -178,6 +178,12 @@ def test_two_process_fit_saves_once_from_rank_0_and_exports_the_adapter(ddp):
 
 
 # -- (iii) validate ------------------------------------------------------------------------------------------
+def _one(paths) -> Path:
+    paths = list(paths)
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
 def _report(path: Path) -> dict:
     r = json.loads(path.read_text())
     return {k: r[k] for k in ("accuracy", "f1_macro", "f1_weighted", "val_loss", "support", "confusion_matrix",
@@ -204,8 +210,9 @@ def test_validate_on_two_processes_gives_the_one_process_metrics(ddp):
     _ok(run_cli(["validate", *VALIDATE, *TWO, "--trainer.default_root_dir", "val2", "--ckpt_path", "ck2/last.ckpt"], d))
     with _inside(d):
         cli_main(["validate", *VALIDATE, "--trainer.default_root_dir", "val1", "--ckpt_path", "ck2/last.ckpt"])
-    want = _report(d / "val1/validation.json")
-    _same_metrics(_report(d / "val2/validation.json"), want)
+    # (validate writes to <default_root_dir>/eval/validate-<time>/: README, output layout)
+    want = _report(_one(d.glob("val1/eval/validate-*/validation.json")))
+    _same_metrics(_report(_one(d.glob("val2/eval/validate-*/validation.json"))), want)
     # fit's own end-of-epoch validation on 2 processes ran on the same (final) weights
     _same_metrics(_report(d / "run2/validation.json"), want)
     # and every rank's callbacks saw the same val/* values (a ModelCheckpoint(monitor=...) decides alike on all)

@@ -126,7 +126,7 @@ def test_validate_reports_metrics_via_cli(workdir):
     _run(FAST)
     cli_main(["validate", "--config", "configs/smoke.yaml", "--trainer.logger", "true",
               "--ckpt_path", "checkpoints/smoke/last.ckpt"])
-    reports = sorted(Path("checkpoints/smoke/lightning_logs").glob("version_*/validation.json"))
+    reports = sorted(Path("checkpoints/smoke/eval").glob("validate-*/validation.json"))  # (README: output layout)
     assert reports, "validate wrote no report"
     report = json.loads(reports[-1].read_text())
     assert set(report["per_class"]) == {"negative", "neutral", "positive"}

@@ -70,6 +70,8 @@ def stand_in_config(name: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(hf.resolve_model_path(name), trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):  # (a folder saved 4-bit: the stand-in is saved plain, quantized as
+        del config.quantization_config        # the run loads it, by RunShape.quantization)
     types = getattr(config, "layer_types", None)
     if isinstance(types, (list, tuple)) and types:
         kept = list(dict.fromkeys(types))  # first of each kind, in order
