@@ -76,6 +76,7 @@ COMMANDS = {
 # the exit status: adding a command is one line here.
 PLAIN_COMMANDS = {
     "export": ("finllm_pl.export", "write a deployable adapter or merged model folder"),
+    "calibrate": ("finllm_pl.calibrate", "fit an adapter's calibration on a labelled file"),
 }
 
 

@@ -47,7 +47,7 @@ def _check(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     labels = labels.long()
     if labels.min() < 0 or labels.max() >= logits.shape[1]:
         raise ValueError(f"labels must be class indices in [0, {logits.shape[1] - 1}]")
-    return logits.detach().double().cpu(), labels.cpu()
+    return logits.detach().double().cpu().clone(), labels.cpu().clone()  # (clone: not an inference tensor)
 
 
 def _lbfgs(params: list[torch.Tensor], loss_fn, max_iter: int = 200) -> None:

@@ -259,9 +259,15 @@ def log_scalars(loggers, values: dict[str, Any], step: int) -> None:
 
 
 class AdapterExport(Callback):
-    """At the end of fit, write the adapter in PEFT format with the tokenizer, prompt format and resolved config.
+    """At the end of fit, write the adapter in PEFT format with the tokenizer, prompt format, resolved config and
+    calibration. The folder loads with `PeftModel.from_pretrained(base, folder)` and is what `predict --ckpt_path`
+    takes.
 
-    The folder loads with `PeftModel.from_pretrained(base, folder)` and is what `predict --ckpt_path` takes.
+    - With `checkpoint.monitor` (e.g. val/f1_weighted, mode max) the exported adapter is the best checkpoint's, not
+      the last step's: its LoRA weights are loaded first, and the prompt record and the log say which step.
+    - With a validation set and `model.calibration` temperature / vector, the calibration is fitted on the
+      validation rows' label scores of the exported weights and saved beside them (calibration.json, with the ECE,
+      Brier and NLL before and after; a reliability diagram in the run's log folder, TensorBoard too).
     """
 
     def __init__(self, dirname: str = "adapter") -> None:
@@ -273,19 +279,67 @@ class AdapterExport(Callback):
         return root / self.dirname
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if trainer.global_rank != 0 or trainer.interrupted:
+        if trainer.interrupted:
+            return
+        chosen = self._load_best(trainer, pl_module)  # every rank: the calibration pass below uses the weights
+        calibration = self._calibrate(trainer, pl_module, chosen)  # every rank takes part in its gather
+        if trainer.global_rank != 0:
             return
         from .export import prompt_record
         from .model import export_adapter
 
         dm = trainer.datamodule
         prompt = prompt_record(dm.build_formatter(), dm.hparams, pl_module.hparams)
-        config = None
+        if chosen:
+            prompt["checkpoint"] = chosen
         cfg_file = Path(run_dir(trainer), "config.yaml")
-        if cfg_file.exists():
-            config = cfg_file.read_text()
-        out = export_adapter(pl_module.model, dm.formatter.tokenizer, str(self.export_dir(trainer)), prompt, config)
-        rank_zero_info(f"adapter exported to {out}")
+        config = cfg_file.read_text() if cfg_file.exists() else None
+        extra = {"calibration.json": calibration.to_json()} if calibration is not None else {}
+        out = export_adapter(pl_module.model, dm.formatter.tokenizer, str(self.export_dir(trainer)), prompt, config,
+                             extra)
+        where = f" (the best checkpoint: step {chosen['step']}, {chosen['monitor']} {chosen['value']:.4f}; the last " \
+                f"step was {trainer.global_step})" if chosen else ""
+        rank_zero_info(f"adapter exported to {out}{where}")
+
+    @staticmethod
+    def _load_best(trainer, pl_module) -> Optional[dict[str, Any]]:
+        cb = trainer.checkpoint_callback
+        best = getattr(cb, "best_model_path", "") if cb is not None and getattr(cb, "monitor", None) else ""
+        if not best or not os.path.isfile(best):
+            return None
+        ckpt = load_checkpoint_file(best)
+        chosen = {"step": int(ckpt["global_step"]), "monitor": cb.monitor, "value": float(cb.best_model_score),
+                  "path": best}
+        if chosen["step"] != trainer.global_step:
+            pl_module.load_state_dict(ckpt["state_dict"], strict=False)  # (the adapter only; on_load_checkpoint
+            pl_module.backend.weights_changed()                           # checked its keys when it was saved)
+        return chosen
+
+    @staticmethod
+    def _calibrate(trainer, pl_module, chosen):
+        kind = pl_module.hparams.get("calibration", "none")
+        dm = trainer.datamodule
+        if kind == "none" or getattr(dm, "val_set", None) is None:
+            return None
+        from .calibration import Calibration, write_reliability_png
+
+        found = pl_module.validation_scores(dm.val_dataloader())
+        if found is None or trainer.global_rank != 0:
+            return None
+        scores, gold = found
+        step = chosen["step"] if chosen else trainer.global_step
+        calibration = Calibration.fit(scores, gold, kind, source=f"validation set, {len(gold)} rows, step {step}",
+                                      label_names=list(pl_module.hparams.labels))
+        b, a = calibration.before, calibration.after
+        png = Path(run_dir(trainer), "calibration_reliability.png")
+        png.parent.mkdir(parents=True, exist_ok=True)
+        write_reliability_png(png, calibration.apply(scores).exp(), gold, title=f"after {kind} scaling (validation)")
+        log_scalars(trainer.loggers, {"calibration/ece_before": b["ece"], "calibration/ece_after": a["ece"],
+                                      "calibration/brier_before": b["brier"], "calibration/brier_after": a["brier"]},
+                    step)
+        rank_zero_info(f"calibration ({kind}) on {len(gold)} validation rows: ECE {b['ece']:.4f} -> {a['ece']:.4f}, "
+                       f"Brier {b['brier']:.4f} -> {a['brier']:.4f} (saved beside the adapter; {png})")
+        return calibration
 
 
 class ValidationReport(Callback):

@@ -181,7 +181,8 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False):
         ) from None
 
 
-def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Optional[str] = None) -> Path:
+def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Optional[str] = None,
+                   extra: Optional[dict[str, str]] = None) -> Path:
     """PEFT adapter folder (adapter_config.json + adapter_model.safetensors), tokenizer, prompt format, config.
 
     Loadable with `PeftModel.from_pretrained(base, out_dir)`; written to a temp folder and renamed. The base model
@@ -200,6 +201,8 @@ def export_adapter(model, tokenizer, out_dir: str, prompt: dict, config_yaml: Op
         (tmp / PROMPT_FILE).write_text(json.dumps(prompt, indent=2, ensure_ascii=False))
         if config_yaml:
             (tmp / CONFIG_FILE).write_text(config_yaml)
+        for name, text in (extra or {}).items():  # (e.g. calibration.json: part of the same atomic folder)
+            (tmp / name).write_text(text)
     return Path(out_dir)
 
 

@@ -391,6 +391,20 @@ class FinLLM(L.LightningModule):
         self.log("step", float(logged_step(self.trainer, self)), sync_dist=True, rank_zero_only=True)
         self.last_report = summarize(values, self.hparams.labels, extra)
 
+    @torch.no_grad()
+    def validation_scores(self, loader) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(label scores [N, K], gold [N]) of the validation rows with the weights as they are now, all ranks'
+        (every rank calls): what calibration at the end of fit is fitted on."""
+        self.model.eval()
+        self._val_rows = []
+        with self.trainer.precision_plugin.val_step_context(), self.backend.labeling():
+            for i, batch in enumerate(loader):
+                batch = self.trainer.strategy.batch_to_device(batch)
+                keep = batch["gold"] >= 0
+                if keep.any():
+                    self._val_rows.append((self.backend.score(batch)[keep].float(), batch["gold"][keep]))
+        return self._gather_scores()
+
     def _gather_scores(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """(label scores [N, K], gold [N]) of every rank's counted validation rows, on the CPU (every rank calls)."""
         k = len(self.hparams.labels)
