@@ -323,7 +323,14 @@ class AdapterExport(Callback):
             return None
         from .calibration import Calibration, write_reliability_png
 
-        found = pl_module.validation_scores(dm.val_dataloader())
+        loader = dm.val_dataloader()
+        # the rows validation itself looks at: trainer.limit_val_batches (int: batches, float: a fraction; 0: none)
+        limit = trainer.limit_val_batches
+        batches = int(limit) if isinstance(limit, int) else int(len(loader) * limit)
+        if batches == 0:
+            rank_zero_info(f"calibration ({kind}) skipped: trainer.limit_val_batches=0 leaves no validation rows")
+            return None
+        found = pl_module.validation_scores(loader, batches)
         if found is None or trainer.global_rank != 0:
             return None
         scores, gold = found

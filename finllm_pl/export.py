@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from . import model as hf
+from .calibration import FILENAME as CALIBRATION_FILE
 from .errors import FinLLMError, ModelError
 from .files import atomic_dir
 from .prompts import PromptFormatter
@@ -98,7 +99,8 @@ def merged_from_adapter(adapter_dir: str, out_dir: str, dtype: torch.dtype = tor
         else:
             _save_4bit(merged, tmp, quantize, dtype, trust_remote_code)
         tok.save_pretrained(str(tmp))
-        for extra in (hf.PROMPT_FILE, hf.CONFIG_FILE):
+        # calibration.json scales label scores, which the merged model computes as the adapter did
+        for extra in (hf.PROMPT_FILE, hf.CONFIG_FILE, CALIBRATION_FILE):
             if (Path(adapter_dir) / extra).exists():
                 shutil.copy(Path(adapter_dir) / extra, tmp / extra)
     return Path(out_dir)

@@ -18,6 +18,7 @@ saved mid-window, what every rank accumulated so far: a resumed run continues bi
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -392,13 +393,13 @@ class FinLLM(L.LightningModule):
         self.last_report = summarize(values, self.hparams.labels, extra)
 
     @torch.no_grad()
-    def validation_scores(self, loader) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """(label scores [N, K], gold [N]) of the validation rows with the weights as they are now, all ranks'
-        (every rank calls): what calibration at the end of fit is fitted on."""
+    def validation_scores(self, loader, batches: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(label scores [N, K], gold [N]) of the first `batches` validation batches with the weights as they are
+        now, all ranks' (every rank calls): what calibration at the end of fit is fitted on."""
         self.model.eval()
         self._val_rows = []
         with self.trainer.precision_plugin.val_step_context(), self.backend.labeling():
-            for i, batch in enumerate(loader):
+            for batch in itertools.islice(loader, batches):
                 batch = self.trainer.strategy.batch_to_device(batch)
                 keep = batch["gold"] >= 0
                 if keep.any():

@@ -34,6 +34,9 @@ def _commands(help_text: str) -> dict[str, str]:
     return out
 
 
+COMMANDS = ["fit", "validate", "predict", "export", "calibrate"]
+
+
 # -- 1. --help ----------------------------------------------------------------------------------------------------
 def test_help_names_the_program_and_lists_every_command_with_one_line():
     r = subprocess.run([sys.executable, "-m", "finllm_pl", "--help"], cwd=ROOT, env=ENV, capture_output=True,
@@ -41,12 +44,12 @@ def test_help_names_the_program_and_lists_every_command_with_one_line():
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: python -m finllm_pl "), r.stdout[:200]
     commands = _commands(r.stdout)
-    assert list(commands) == ["fit", "validate", "predict", "export"], r.stdout
+    assert list(commands) == COMMANDS, r.stdout
     assert all(len(line) > 20 for line in commands.values()), commands
-    assert "{fit,validate,predict,export}" in r.stdout.splitlines()[0]  # (no `test`)
+    assert "{" + ",".join(COMMANDS) + "}" in r.stdout.split("\n\n")[0]  # the usage line(s); no `test`
 
 
-@pytest.mark.parametrize("command", ["fit", "validate", "predict", "export"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_listed_command_has_help(command, capsys):
     assert _exit_code(main, [command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -70,29 +73,29 @@ def test_the_console_script_runs_every_command(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/finllm", "--help"])
     assert _exit_code(script) == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: finllm ") and list(_commands(out)) == ["fit", "validate", "predict", "export"]
+    assert out.startswith("usage: finllm ") and list(_commands(out)) == COMMANDS
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/finllm", "export", "--help"])
     assert _exit_code(script) == 0
     assert capsys.readouterr().out.startswith("usage: finllm export ")
 
 
 def test_a_plain_command_is_one_line_in_the_table(monkeypatch, capsys, tmp_path):
-    """A plain argparse command (the way `calibrate` will come) is one entry of PLAIN_COMMANDS: listed, dispatched."""
-    (tmp_path / "fake_calibrate.py").write_text(
+    """A plain argparse command (as `calibrate` is) is one entry of PLAIN_COMMANDS: listed, dispatched."""
+    (tmp_path / "fake_audit.py").write_text(
         "import argparse\n"
         "def main(argv, prog):\n"
         "    p = argparse.ArgumentParser(prog=prog)\n"
         "    p.add_argument('--x')\n"
-        "    print('calibrated', p.parse_args(argv).x)\n"
+        "    print('audited', p.parse_args(argv).x)\n"
         "    return 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(entry.PLAIN_COMMANDS, "calibrate", ("fake_calibrate", "fit a temperature on held-out rows"))
+    monkeypatch.setitem(entry.PLAIN_COMMANDS, "audit", ("fake_audit", "check a labelled file"))
     assert _exit_code(main, ["--help"]) == 0
-    assert _commands(capsys.readouterr().out)["calibrate"] == "fit a temperature on held-out rows"
-    assert _exit_code(main, ["calibrate", "--x", "7"]) == 0
-    assert capsys.readouterr().out == "calibrated 7\n"
-    assert _exit_code(main, ["calibrate", "--help"]) == 0
-    assert capsys.readouterr().out.startswith("usage: python -m finllm_pl calibrate ")
+    assert _commands(capsys.readouterr().out)["audit"] == "check a labelled file"
+    assert _exit_code(main, ["audit", "--x", "7"]) == 0
+    assert capsys.readouterr().out == "audited 7\n"
+    assert _exit_code(main, ["audit", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m finllm_pl audit ")
 
 
 # -- 2. --print_config ----------------------------------------------------------------------------------------------
@@ -313,8 +316,11 @@ def test_tensorboard_has_one_step_axis_the_optimizer_steps_and_sample_prediction
         scalars = ea.Tags()["scalars"]
         train = [t for t in scalars if t.startswith("train/")]
         val = [t for t in scalars if t.startswith("val/")]
-        assert set(scalars) == set(train) | set(val), (folder, scalars)  # (no "epoch" on a batch axis)
-        assert (len(train) == 6) == bool(train_steps) and len(val) == 4, (folder, scalars)
+        calibration = [t for t in scalars if t.startswith("calibration/")]  # fit's end: ECE, Brier before/after
+        assert set(scalars) == set(train) | set(val) | set(calibration), (folder, scalars)  # (no "epoch")
+        assert (len(train) == 6) == (len(calibration) == 4) == bool(train_steps) and len(val) == 6, (folder, scalars)
+        for tag in calibration:
+            assert [e.step for e in ea.Scalars(tag)] == train_steps[-1:], (folder, tag)
         for tag in train:
             assert [e.step for e in ea.Scalars(tag)] == train_steps, (folder, tag)
         for tag in val:

@@ -187,7 +187,7 @@ def _one(paths) -> Path:
 def _report(path: Path) -> dict:
     r = json.loads(path.read_text())
     return {k: r[k] for k in ("accuracy", "f1_macro", "f1_weighted", "val_loss", "support", "confusion_matrix",
-                              "per_class")}
+                              "per_class", "ece", "brier")}
 
 
 def _same_metrics(got: dict, want: dict) -> None:
@@ -199,6 +199,8 @@ def _same_metrics(got: dict, want: dict) -> None:
     for k in ("accuracy", "f1_macro", "f1_weighted"):
         assert got[k] == want[k], k
     assert got["per_class"] == want["per_class"]
+    for k in ("ece", "brier"):  # of every rank's rows, gathered: the one-process numbers
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
 
 
@@ -217,7 +219,8 @@ def test_validate_on_two_processes_gives_the_one_process_metrics(ddp):
     _same_metrics(_report(d / "run2/validation.json"), want)
     # and every rank's callbacks saw the same val/* values (a ModelCheckpoint(monitor=...) decides alike on all)
     seen = [json.loads((d / f"losses2.json.val{r}").read_text()) for r in (0, 1)]
-    assert seen[0] == seen[1] and set(seen[0]) == {"val/loss", "val/accuracy", "val/f1_macro", "val/f1_weighted"}
+    assert seen[0] == seen[1] and set(seen[0]) == {"val/loss", "val/accuracy", "val/f1_macro", "val/f1_weighted",
+                                                 "val/ece", "val/brier"}
     assert seen[0]["val/accuracy"] == pytest.approx(want["accuracy"], rel=1e-6)
     assert seen[0]["val/loss"] == pytest.approx(want["val_loss"], rel=1e-6)
 

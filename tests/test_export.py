@@ -80,7 +80,7 @@ def test_the_readme_recipe_labels_like_predict(trained, news, tmp_path, tiny_dir
     think block, log P(label + EOS | prompt), softmax over the labels) give predict's labels and probabilities."""
     _, adapter, _ = trained
     code = _readme_recipe()
-    assert len([line for line in code.splitlines() if line.strip()]) <= 32, code  # (imports and 4 settings included)
+    assert len([line for line in code.splitlines() if line.strip()]) <= 34, code  # (imports, 4 settings, calibration)
     for name, value in (("ADAPTER", repr(str(adapter))), ("BASE", repr(str(tiny_dir))), ("DTYPE", "torch.float32"),
                         ("TEXTS", "[]")):
         code, n = re.subn(rf"(?m)^{name} = .*$", f"{name} = {value}", code)
