@@ -61,7 +61,7 @@ PIP=("$PY" -m pip install --no-input ${PIP_QUIET--q})
 # torch first, so that its choice is explicit (and what the machine's pip config allows)
 read -ra torch_args <<< "$TORCH_SPEC"
 say "pip install ${torch_args[*]}"
-"${PIP[@]}" "${torch_args[@]}" || fail_install "torch did not install (TORCH_SPEC=$TORCH_SPEC)"
+"${PIP[@]}" "${torch_args[@]}" || fail_install "torch did not install (TORCH_SPEC=$TORCH_SPEC; a machine-wide pip constraint may cap it: pip config list)"
 
 # the project without its bounds: names (with extras and markers) of pyproject's dependencies and the dev extra
 deplist=$("$PY" - <<'EOF'
@@ -80,7 +80,7 @@ say "pip install -e . --no-deps; pip install ${deps[*]}"
 
 echo "--- pip check (lines about finllm_pl's own bounds are expected here)"
 "$PY" -m pip check
-"$PY" -m pip freeze > "$VENV/freeze.txt"
+"$PY" -m pip freeze --all > "$VENV/freeze.txt"
 echo "--- resolved versions (all: $VENV/freeze.txt)"
 MAIN="torch transformers peft lightning bitsandbytes"
 # one look-up per main package: the newest release the index has, to show what a cap held back
