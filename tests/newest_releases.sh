@@ -97,7 +97,7 @@ for name in sys.argv[1:]:
         out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", name], capture_output=True, text=True).stdout
         newest = out.split("(", 1)[1].split(")", 1)[0] if "(" in out else "?"
         if newest != v.split("+")[0]:
-            note = f"   (newest on the index: {newest}; not installable here or held back by a dependency)"
+            note = f"   (the index has {newest}: capped by this machine's pip config, set by TORCH_SPEC, or held back by a dependency)"
     print(f"{name} {v}{note}")
 EOF
 )
