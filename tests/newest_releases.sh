@@ -74,9 +74,9 @@ for req in p["dependencies"] + p.get("optional-dependencies", {}).get("dev", [])
 EOF
 ) || fail_install "cannot read pyproject.toml"
 mapfile -t deps <<< "$deplist"
-say "pip install -e . --no-deps; pip install ${deps[*]}"
-"${PIP[@]}" -e . --no-deps || fail_install "the project did not install"
+say "pip install ${deps[*]}; pip install -e . --no-deps"
 "${PIP[@]}" "${deps[@]}" || fail_install "the project's dependencies did not install"
+"${PIP[@]}" -e . --no-deps || fail_install "the project did not install"
 
 echo "--- pip check (lines about finllm_pl's own bounds are expected here)"
 "$PY" -m pip check
@@ -102,10 +102,15 @@ for name in sys.argv[1:]:
 EOF
 )
 echo "$versions"
-conf=$("$PY" -m pip config list 2>/dev/null | grep -i "constraint" || true)
+if [ -n "${PIP_CONSTRAINT+set}" ]; then  # replaces the pip config files' constraint
+    conf="PIP_CONSTRAINT=$PIP_CONSTRAINT"; files=$PIP_CONSTRAINT
+else
+    conf=$("$PY" -m pip config list 2>/dev/null | grep -i "constraint" || true)
+    files=$(echo "$conf" | sed "s/.*=//; s/'//g")
+fi
 if [ -n "$conf" ]; then
-    say "this machine's pip config applies a constraint: $conf"
-    for f in $(echo "$conf" | sed "s/.*=//; s/'//g"); do [ -f "$f" ] && grep -i '^torch' "$f" | sed 's/^/    /'; done
+    say "pip applied a constraint: $conf"
+    for f in $files; do [ -f "$f" ] && grep -i '^torch' "$f" | sed 's/^/    /'; done
 fi
 install_s=$(( $(date +%s) - start ))
 
@@ -122,7 +127,7 @@ else
     fi
 fi
 log=$VENV/pytest.log
-echo "--- $PY -m pytest -q -m \"not slow and not gpu\" ${files[*]} ${PYTEST_EXTRA[*]}"
+echo "--- $PY -m pytest -q -m \"not slow and not gpu\" $( [ ${#files[@]} -eq 0 ] && [ ${#PYTEST_EXTRA[@]} -eq 0 ] || printf '%q ' "${files[@]}" "${PYTEST_EXTRA[@]}")"
 t0=$(date +%s)
 "$PY" -m pytest -q -m "not slow and not gpu" -p no:cacheprovider "${files[@]}" "${PYTEST_EXTRA[@]}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
