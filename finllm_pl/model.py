@@ -86,11 +86,14 @@ def load_base_model(
     device: Optional[torch.device] = None,
     attn_implementation: Optional[str] = None,
     trust_remote_code: bool = False,
+    quant_storage: Optional[torch.dtype] = None,
 ):
     """The base model, 4-bit (NF4/FP4, double quant) or plain, placed whole on `device`.
 
     4-bit models refuse `.to()`, so placement happens here through `device_map={"": index}`: one full copy per
     process, which is what DDP needs (`device_map="auto"` would split it over GPUs and break DDP).
+    quant_storage: the dtype the packed 4-bit weights are stored as (uint8 by default; FSDP shards them stored as the
+    compute dtype: the same bytes, the same numbers).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -105,7 +108,7 @@ def load_base_model(
             bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=quant_storage or torch.uint8,
         )
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
     try:
@@ -234,12 +237,13 @@ def _add_base_model_note(card: Path, base: str) -> None:
 def build(name: str, quantization: Quantization, compute_dtype: torch.dtype, device: torch.device,
           attn_implementation: Optional[str], trust_remote_code: bool, lora: dict[str, Any],
           adapter_path: Optional[str] = None, dequantize: bool = False, gradient_checkpointing: bool = False,
-          seed: int = 0):
+          seed: int = 0, quant_storage: Optional[torch.dtype] = None):
     """The PEFT model a run trains or labels with: the base (`dequantize`: its 4-bit layers held dequantized, the
     very values every 4-bit forward computes), then the adapter at `adapter_path` or a fresh LoRA (`lora`: r, alpha,
     dropout, target_modules, use_dora) whose random A's are drawn from `seed`. In train mode (from_pretrained returns
-    eval mode, which would silently turn LoRA dropout off)."""
-    base = load_base_model(name, quantization, compute_dtype, device, attn_implementation, trust_remote_code)
+    eval mode, which would silently turn LoRA dropout off). quant_storage: see load_base_model."""
+    base = load_base_model(name, quantization, compute_dtype, device, attn_implementation, trust_remote_code,
+                           quant_storage)
     base.config.use_cache = False
     if dequantize and quantization != "none":
         base = base.dequantize()

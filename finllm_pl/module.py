@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import backend as backends
+from . import fsdp
 from . import model as hf
 from .calibration import Calibration, brier_score, expected_calibration_error
 from .errors import ConfigError, FinLLMError, ModelError
@@ -174,8 +175,9 @@ class FinLLM(L.LightningModule):
                                   self._max_length(), training=fitting)
         world = trainer.world_size if trainer else 1
         agree = (lambda on: trainer.strategy.reduce_boolean_decision(on, all=True)) if world > 1 else None
-        decision = backends.plan(hp.backend, shape, hp.fast_skip, world, str(trainer.precision) if trainer else
-                                 "32-true", hp.gradient_checkpointing, agree)
+        sharded = fsdp.strategy_of(trainer, hp, dtype)  # FSDP-QLoRA (fsdp.py) or None; refuses what cannot work
+        decision = (fsdp.plan if sharded else backends.plan)(hp.backend, shape, hp.fast_skip, world, str(
+            trainer.precision) if trainer else "32-true", hp.gradient_checkpointing, agree)
         for line in decision.lines() if hp.backend == "fast" else ():
             rank_zero_info(line)
         self.decision = decision  # (what the self-check kept and why it dropped the rest: for reports)
@@ -184,7 +186,8 @@ class FinLLM(L.LightningModule):
                 "target_modules": hp.lora_target_modules, "use_dora": hp.use_dora}
         self.model = hf.build(hp.model_name_or_path, hp.quantization, dtype, device, hp.attn_implementation,
                               hp.trust_remote_code, lora, hp.adapter_path, "dequantize" in decision.on,
-                              hp.gradient_checkpointing, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+                              hp.gradient_checkpointing, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+                              quant_storage=sharded.quant_storage(dtype) if sharded else None)
         self.backend = backends.make(hp.backend, self.model, dtype, decision, hp.chunk_tokens)
         self.metrics = label_metrics(len(hp.labels)).to(device)
         folder = hp.adapter_path or (hp.model_name_or_path if os.path.isdir(hp.model_name_or_path) else None)
@@ -194,6 +197,9 @@ class FinLLM(L.LightningModule):
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         rank_zero_info(f"model {hp.model_name_or_path}: {n_train:,} trainable parameters, quantization="
                        f"{hp.quantization}, compute dtype={dtype}, backend {self.backend.describe()}")
+        if sharded:  # FSDP: the model sharded over the ranks (after its whole size was logged), the backend on it
+            self.model = sharded.shard(self.model)
+            self.backend = backends.make(hp.backend, self.model, dtype, decision, hp.chunk_tokens)
 
     def calibrated(self, scores: torch.Tensor) -> torch.Tensor:
         """Label log-probabilities as the run reports them: the calibration's, or log_softmax of the scores."""
@@ -206,7 +212,7 @@ class FinLLM(L.LightningModule):
         return int(getattr(dm, "hparams", {}).get("max_length", 512))
 
     def trainable_keys(self) -> set[str]:
-        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        return {f"model.{n}" for n in fsdp.trainable_shapes(self.model)}  # (one-GPU names, also when sharded)
 
     # -- optimization -----------------------------------------------------------------------------------------
     def total_optimizer_steps(self) -> int:
@@ -274,7 +280,7 @@ class FinLLM(L.LightningModule):
         # non-finite loss makes the scale NaN: the gradients carry the fault to whichever check skips the step.
         scale = (self.trainer.world_size / tokens.clamp(min=1.0)).float()
         torch._foreach_mul_(grads, torch.where(torch.isfinite(loss_total), scale, torch.nan))
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))
+        grad_norm = fsdp.grad_norm(grads, self.model)  # (sharded: the squared norms of every rank's shards summed)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         # fp16: the gradients still carry the loss scale here (the fused optimizer unscales them), so the clip
         # threshold does too; inf gradients with a finite loss are the scaler's business (it skips and backs off).
@@ -459,6 +465,8 @@ class FinLLM(L.LightningModule):
     def _gather_window(self) -> list[dict[str, Any]]:
         """Each rank's window counters and accumulated LoRA gradients (all ranks call this: on_save_checkpoint runs on
         every rank), so that a resume gives every rank back its own partial window."""
+        if isinstance(self.model, fsdp.ShardedModel):  # each rank's shards of the gradients (reduced already)
+            return fsdp.gather_window(self.model, self._window)
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         w = self._window
         counters = torch.stack([torch.as_tensor(w[k], dtype=torch.float64, device=self.device).reshape(())
@@ -484,8 +492,8 @@ class FinLLM(L.LightningModule):
         if meta is None:
             raise ModelError(f"{path}: not a finllm_pl checkpoint (no adapter metadata); give a .ckpt that fit wrote")
         have, want = set(checkpoint["state_dict"]), self.trainable_keys()
-        params = dict(self.model.named_parameters())
-        if have != want or any(checkpoint["state_dict"][k].shape != params[k[len("model."):]].shape for k in want):
+        shapes = fsdp.trainable_shapes(self.model)  # (whole shapes, also of sharded parameters)
+        if have != want or any(checkpoint["state_dict"][k].shape != shapes[k[len("model."):]] for k in want):
             raise ModelError(
                 f"{path}: checkpoint is an adapter for {meta['base_model']} with LoRA r={meta['lora']['r']} on "
                 f"{meta['lora']['target_modules']}, but this run is {self.hparams.model_name_or_path} with "
@@ -495,6 +503,8 @@ class FinLLM(L.LightningModule):
             raise ModelError(f"{path}: saved by a run on {meta['world_size']} process(es), resumed on "
                              f"{self.trainer.world_size}: the data order would change. Resume on the same number of "
                              "devices, or start a new run from the adapter with --model.adapter_path")
+        if self._trainer is not None and self.trainer.training:  # (a mid-window checkpoint: the strategy that saved it)
+            fsdp.check_resume(path, meta, self.model)
         self._restored = meta
         self._resumed_step = checkpoint.get("global_step")
         if self.backend is not None:
