@@ -407,9 +407,10 @@ class FinLLM(L.LightningModule):
         with self.trainer.precision_plugin.val_step_context(), self.backend.labeling():
             for batch in itertools.islice(loader, batches):
                 batch = self.trainer.strategy.batch_to_device(batch)
+                scores = self.backend.score(batch)  # (also a padding batch: under FSDP every forward is a collective)
                 keep = batch["gold"] >= 0
                 if keep.any():
-                    self._val_rows.append((self.backend.score(batch)[keep].float(), batch["gold"][keep]))
+                    self._val_rows.append((scores[keep].float(), batch["gold"][keep]))
         return self._gather_scores()
 
     def _gather_scores(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

@@ -29,7 +29,7 @@ from finllm_pl import fsdp
 from finllm_pl import model as hf
 from finllm_pl.__main__ import cli_main
 from finllm_pl.errors import ConfigError, ModelError
-from test_ddp import (FIT, PREDICT, VALIDATE, _inside, _ok, _report, _same_metrics, adapter_tensors, losses_to,
+from test_ddp import (FIT, PREDICT, VALIDATE, _inside, _ok, _one, _report, _same_metrics, adapter_tensors, losses_to,
                       run_cli, step_log)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def test_fsdp_fit_s_validation_equals_one_process_validate(runs):
     # the final weights: one process validating that checkpoint gets the same metrics
     with _inside(d):
         cli_main(["validate", *VALIDATE, "--trainer.default_root_dir", "val1", "--ckpt_path", "ck2/last.ckpt"])
-    _same_metrics(_report(d / "run2/validation.json"), _report(d / "val1/validation.json"))
+    _same_metrics(_report(d / "run2/validation.json"), _report(_one(d.glob("val1/eval/validate-*/validation.json"))))
     seen = [json.loads((d / f"losses2.json.val{r}").read_text()) for r in (0, 1)]
     assert seen[0] == seen[1]
 
@@ -354,7 +354,8 @@ def test_fsdp_validate_from_a_checkpoint_equals_one_process(runs):
                  "ck2/step=000002.ckpt"], d))
     with _inside(d):
         cli_main(["validate", *VALIDATE, "--trainer.default_root_dir", "val1b", "--ckpt_path", "ck2/step=000002.ckpt"])
-    _same_metrics(_report(d / "val2/validation.json"), _report(d / "val1b/validation.json"))
+    _same_metrics(_report(_one(d.glob("val2/eval/validate-*/validation.json"))),
+                  _report(_one(d.glob("val1b/eval/validate-*/validation.json"))))
 
 
 @pytest.mark.slow
