@@ -202,8 +202,8 @@ class Calibration:
     w: Optional[list[float]] = None
     b: Optional[list[float]] = None
     labels: Optional[list[str]] = None
-    prior: Optional[list[float]] = None  # label frequencies of the rows fitted on: the prior the calibrated
-    #                                      probabilities hold (label-shift adaptation starts from it)
+    prior: Optional[list[float]] = None  # the mean calibrated probability over the rows fitted on: the prior
+    #                                      the calibrated probabilities hold (label-shift adaptation starts from it)
     fitted_on: dict = field(default_factory=dict)
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
@@ -242,9 +242,12 @@ class Calibration:
         else:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         cal.labels = list(label_names) if label_names is not None else None
-        counts = torch.bincount(torch.as_tensor(labels).long().cpu(), minlength=torch.as_tensor(scores).shape[-1])
-        # (a class the rows never show gets a small share, not 0: EM could not reweight it otherwise)
-        cal.prior = ((counts.double() + 0.5) / (counts.sum() + 0.5 * len(counts))).tolist()
+        # The prior the calibrated probabilities hold is their own mean over the rows, not the label counts: a
+        # temperature cannot remove a model's lean towards one class, and EM (prior_shift) measured from the label
+        # counts would read that lean as a label shift and run to a corner even on rows of the training mix.
+        # (A class no row gives any weight gets a small share, not 0: EM could not reweight it otherwise.)
+        mean = cal.apply(torch.as_tensor(scores)).exp().mean(0).clamp_min(1e-6)
+        cal.prior = (mean / mean.sum()).tolist()
         cal.fitted_on = {"rows": int(torch.as_tensor(labels).shape[0]), "source": source}
         report = calibration_report(scores, labels, cal)
         cal.before, cal.after = report["before"], report["after"]

@@ -203,6 +203,27 @@ def test_em_leaves_a_matched_prior_alone():
     assert (adjusted - probs).abs().max() < 0.05
 
 
+def test_em_starts_from_the_prior_the_calibrated_model_holds_not_the_label_counts():
+    """A model whose scores lean to one class (a bias a temperature cannot remove): its calibrated probabilities
+    average to a mix unlike the label counts. EM from the label counts then runs to a corner even on rows with the
+    training mix (every label changed); from the mean calibrated probability, what `Calibration.fit` stores, it
+    stays where it started and keeps the labels."""
+    probs, y = posteriors_under_train_prior(TRAIN_PRIOR, 4000, seed=13)
+    scores = probs.log() + torch.tensor([0.0, 1.5, 0.0], dtype=torch.float64)  # leans to the middle class
+    cal = Calibration.fit(scores, y, "temperature")
+    counts = torch.bincount(y, minlength=3).double() / len(y)
+    fresh, _ = posteriors_under_train_prior(TRAIN_PRIOR, 4000, seed=14)
+    p = cal.apply(fresh.log() + torch.tensor([0.0, 1.5, 0.0], dtype=torch.float64)).exp()
+    stored = torch.tensor(cal.prior, dtype=torch.float64)
+    assert (stored - counts).abs().max() > 0.1  # the model's own mix is not the label counts
+    assert torch.allclose(stored, cal.apply(scores).exp().mean(0), atol=1e-6)
+    from_counts, moved, _ = em_prior(p, counts)
+    assert float((moved.argmax(-1) != p.argmax(-1)).double().mean()) > 0.2  # (what the counts would have done)
+    prior, adjusted, _ = em_prior(p, stored)
+    assert (prior - stored).abs().max() < 0.03, prior
+    assert float((adjusted.argmax(-1) != p.argmax(-1)).double().mean()) < 0.03
+
+
 def test_prior_shift_validation():
     p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
     with pytest.raises(ValueError, match="sum to 1"):
