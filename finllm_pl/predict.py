@@ -350,6 +350,9 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer, pl_module) -> None:
         check_output_path(self.output)  # (the CLI checked it before loading anything; this is for direct use)
         self.rank, self.world = trainer.global_rank, trainer.world_size
+        if self.world != self.expect["world"]:  # (the chunks this run reads and writes would not be the job's)
+            raise RuntimeError(f"predict planned its job for {self.expect['world']} process(es) and runs on "
+                               f"{self.world}")
         self.t0, self.labeled, self.in_flight = time.perf_counter(), 0, None
         # Lightning fetches the first batch of a stream before this hook: the wait for it (reading and tokenizing
         # the first chunks, the GPU idle) is measured from when the loop asked for it (or the stream's creation)
