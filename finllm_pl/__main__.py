@@ -362,7 +362,7 @@ class FinLLMCLI(LightningCLI):
         hp = self.datamodule.hparams
         check_output_path(output, probe=False)  # (a folder, or no folder to put it in)
         # A finished output of this same job: nothing to do. Another input's output: replaced only with data.overwrite.
-        action, line = plan_output(output, expect, hp.predict_path, self.trainer.world_size, hp.overwrite)
+        action, line = plan_output(output, expect, hp.predict_path, hp.overwrite)
         if line and self.trainer.global_rank == 0:
             print(line, file=sys.stderr)
         self._predict_done = action == "done"

@@ -450,7 +450,8 @@ class InstructionDataModule(L.LightningDataModule):
         rank, world = self._rank_world()  # (setup and the loaders run inside trainer.predict: the trainer is known)
         output, expect = self.predict_job(world)
         # A run killed after its output was complete has nothing left to label.
-        start = sys.maxsize if finished_earlier(output, world, expect) else load_progress(output, rank, expect)["chunks"]
+        done = finished_earlier(output, expect) is not None
+        start = sys.maxsize if done else load_progress(output, rank, expect)["chunks"]
         return PredictStream(hp.predict_path, self.build_formatter(), self.label_ids, hp.instruction, hp.text_column,
                              hp.eval_batch_size, hp.predict_chunk_rows, hp.max_length, hp.labels,
                              max_tokens=hp.eval_batch_tokens, rank=rank, world_size=world, start_chunk=start,

@@ -574,10 +574,14 @@ class _Crash(BaseException):
     """Stands for a kill at this point (BaseException: nothing in the product catches it)."""
 
 
+def _in_process_args(ws: Path, *extra: str) -> list[str]:
+    return ["predict", "--config", str(ROOT / "configs/smoke.yaml"), "--data.predict_path", str(ws / "in.jsonl"),
+            "--data.predict_output", str(ws / "out" / "labels.jsonl"), "--data.predict_chunk_rows", "5",
+            "--data.eval_batch_size", "4", *QUIET, *extra]
+
+
 def _predict_in_process(ws: Path, *extra: str) -> list[dict]:
-    cli_main(["predict", "--config", str(ROOT / "configs/smoke.yaml"), "--data.predict_path", str(ws / "in.jsonl"),
-              "--data.predict_output", str(ws / "out" / "labels.jsonl"), "--data.predict_chunk_rows", "5",
-              "--data.eval_batch_size", "4", *QUIET, *extra])
+    cli_main(_in_process_args(ws, *extra))
     with open(ws / "out" / "labels.jsonl") as f:
         return [json.loads(line) for line in f]
 
@@ -699,6 +703,12 @@ def _rows_of_rank(n: int, chunk_rows: int, world: int, rank: int) -> int:
     return rows
 
 
+def _resume_refusal(output: str, rows: int, old: str, new: str) -> str:
+    return (f"error: {output}: an interrupted run of this job labeled {rows} rows with {old}, this run has {new}; a "
+            "job resumes only as it was split over processes and chunks: run it again with "
+            f"{old} to resume it, or delete {output}.part* to label it from the start")
+
+
 @pytest.mark.slow
 def test_a_two_process_labeling_job_killed_midway_resumes_where_it_stopped(tmp_path, tiny_dir, monkeypatch):
     """2 gloo processes killed (both) once each rank has a chunk in its part file: the same command again finishes
@@ -729,6 +739,65 @@ def test_a_two_process_labeling_job_killed_midway_resumes_where_it_stopped(tmp_p
     assert third.rc == 0, third.tail()
     assert f"out/labels.jsonl: already labeled ({n} rows of in.jsonl, same labels, prompt and model)" in third.tail()
     assert (ws / "out" / "labels.jsonl").read_bytes() == first
+
+
+@pytest.mark.slow
+def test_a_two_process_job_is_not_resumed_on_one_process(tmp_path, tiny_dir):
+    """What 2 ranks recorded cannot be continued by 1 (rank r holds chunks r, r + 2, ..., whose sizes follow from
+    the world size): the 1-process run stops before the model loads, with one line saying what to do, and changes
+    no file; doing what it says (deleting the part files) labels the whole file on 1 process. 30-37 s."""
+    n, chunk_rows = 4000, 256
+    ws = _workspace(tmp_path / "job")
+    _write_input(ws / "in.jsonl", n)
+    (ws / "out").mkdir()
+    recorded = _kill_two_processes_midway(ws, [*_predict_args(chunk_rows), *TWO], ws / "attempt0.log")
+
+    before = {p.name: p.read_bytes() for p in (ws / "out").iterdir()}
+    one = _run(ws, _predict_args(chunk_rows), ws / "attempt1.log")
+    assert one.rc == 2, one.tail()
+    errors = [line for line in one.tail(20000).splitlines() if line.startswith("error:")]
+    assert errors == [_resume_refusal("out/labels.jsonl", sum(recorded), "2 processes", "1 process")]
+    assert {p.name: p.read_bytes() for p in (ws / "out").iterdir()} == before
+
+    for p in (ws / "out").glob("labels.jsonl.part*"):
+        p.unlink()
+    fresh = _run(ws, _predict_args(chunk_rows), ws / "attempt2.log")
+    assert fresh.rc == 0, fresh.tail()
+    _assert_complete(_check_output(ws / "out" / "labels.jsonl", n))
+    assert sorted(p.name for p in (ws / "out").iterdir()) == ["labels.jsonl", "labels.jsonl.job.json"]
+
+
+def test_a_one_process_job_is_not_resumed_on_two_processes(tmp_path, monkeypatch):
+    """The other way round: a 1-process job stopped after its first chunk, run again on 2 processes, stops with the
+    same line (before Lightning starts the second process: one line) and changes nothing; on 1 process it resumes."""
+    import finllm_pl.predict as predict
+
+    monkeypatch.chdir(tmp_path)
+    _write_input(tmp_path / "in.jsonl", 23)
+    (tmp_path / "out").mkdir()
+    want = _predict_in_process(tmp_path)
+    (tmp_path / "out" / "labels.jsonl").unlink()
+    real, calls = predict._write_progress, []
+
+    def crash_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Crash()
+        return real(*a, **k)
+
+    monkeypatch.setattr(predict, "_write_progress", crash_on_second)
+    with pytest.raises(_Crash):
+        _predict_in_process(tmp_path)
+    monkeypatch.setattr(predict, "_write_progress", real)
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # (a child process: Lightning's launcher re-runs the command line, which in this process is pytest's)
+    two = _run(tmp_path, _in_process_args(tmp_path, *TWO), tmp_path / "two.log")
+    assert two.rc == 2, two.tail()
+    errors = [line for line in two.tail(20000).splitlines() if line.startswith("error:")]
+    assert errors == [_resume_refusal(str(out / "labels.jsonl"), 5, "1 process", "2 processes")]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _predict_in_process(tmp_path) == want
 
 
 # ================================================================================================================
