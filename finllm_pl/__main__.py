@@ -356,11 +356,13 @@ class FinLLMCLI(LightningCLI):
         self.config_init["predict"]["return_predictions"] = False  # rows go to the file; memory stays bounded
         self.datamodule.predict_model = model_identity(self.model.hparams, self.config_init["predict"].get("ckpt_path"),
                                                        self.trainer.precision)
-        output, expect = self.datamodule.predict_job()
+        # The trainer knows its world size from its construction on; the datamodule is attached to it only inside
+        # trainer.predict, so it is told the world here (from its own trainer, none yet, it would plan 1 process).
+        output, expect = self.datamodule.predict_job(self.trainer.world_size)
         hp = self.datamodule.hparams
         check_output_path(output, probe=False)  # (a folder, or no folder to put it in)
         # A finished output of this same job: nothing to do. Another input's output: replaced only with data.overwrite.
-        action, line = plan_output(output, expect, hp.predict_path, self.trainer.world_size, hp.overwrite)
+        action, line = plan_output(output, expect, hp.predict_path, hp.overwrite)
         if line and self.trainer.global_rank == 0:
             print(line, file=sys.stderr)
         self._predict_done = action == "done"

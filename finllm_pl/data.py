@@ -423,8 +423,9 @@ class InstructionDataModule(L.LightningDataModule):
         return DataLoader(CountedRows(self.val_set.with_format(None)), batch_sampler=sampler,
                           collate_fn=lambda rows: collate_eval(rows, pad, label_ids), num_workers=hp.num_workers)
 
-    def predict_job(self) -> tuple[str, dict[str, Any]]:
-        """(output path, identity of this labeling job): a restart resumes only a job with the same identity."""
+    def predict_job(self, world: int) -> tuple[str, dict[str, Any]]:
+        """(output path, identity of this labeling job, `world` processes labeling it): a restart resumes only a job
+        with the same identity."""
         from .predict import PROGRESS_VERSION, check_keep_fields, default_output, input_fingerprint
 
         hp = self.hparams
@@ -436,7 +437,6 @@ class InstructionDataModule(L.LightningDataModule):
             raise DataError(f"{hp.predict_path}: no such file; check data.predict_path")
         # the default folder is ours to create; a folder the user named must exist
         output = hp.predict_output or default_output(hp.predict_path)
-        _, world = self._rank_world()
         expect = {"version": PROGRESS_VERSION, "input": input_fingerprint(hp.predict_path), "labels": list(hp.labels),
                   "world": world, "chunk_rows": hp.predict_chunk_rows, "prompt": self.build_formatter().fingerprint(),
                   "keep_fields": check_keep_fields(hp.keep_fields), "model": self.predict_model,
@@ -447,10 +447,11 @@ class InstructionDataModule(L.LightningDataModule):
         from .predict import PredictStream, finished_earlier, load_progress
 
         hp = self.hparams
-        output, expect = self.predict_job()
-        rank, world = self._rank_world()
+        rank, world = self._rank_world()  # (setup and the loaders run inside trainer.predict: the trainer is known)
+        output, expect = self.predict_job(world)
         # A run killed after its output was complete has nothing left to label.
-        start = sys.maxsize if finished_earlier(output, world, expect) else load_progress(output, rank, expect)["chunks"]
+        done = finished_earlier(output, expect) is not None
+        start = sys.maxsize if done else load_progress(output, rank, expect)["chunks"]
         return PredictStream(hp.predict_path, self.build_formatter(), self.label_ids, hp.instruction, hp.text_column,
                              hp.eval_batch_size, hp.predict_chunk_rows, hp.max_length, hp.labels,
                              max_tokens=hp.eval_batch_tokens, rank=rank, world_size=world, start_chunk=start,

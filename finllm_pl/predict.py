@@ -13,7 +13,9 @@ loads (PredictLoader.start): the first batches are ready when labeling starts.
 Writing: each rank appends finished chunks, in input order (a chunk that finishes early waits for the ones
 before it), to its part file and records its progress
 (`<output>.part<rank>.json`: chunks and bytes done) after an fsync. A run killed at any point and restarted with
-the same command truncates the part file to the recorded size and continues from the next chunk. At the end the
+the same command truncates the part file to the recorded size and continues from the next chunk. Which chunks a
+rank holds, and their sizes, follow from the number of processes and `chunk_rows`: a run with other ones cannot
+continue them, and stops before the model loads with one line saying what to do (check_resumable). At the end the
 part(s) become the output by a rename (or a merge, then a rename, on several ranks): the output file appears
 complete or not at all.
 
@@ -177,22 +179,25 @@ def count_rows(path: str) -> int:
     return n
 
 
-def plan_output(output: str, expect: dict[str, Any], input_path: str, world: int,
-                overwrite: bool) -> tuple[str, Optional[str]]:
+def plan_output(output: str, expect: dict[str, Any], input_path: str, overwrite: bool) -> tuple[str, Optional[str]]:
     """What to do about `output` before labeling (nothing is written here):
     ("done", line): it holds this very job's finished labels (same input file and content, labels, prompt, kept
     fields, model; the output unchanged since): label nothing;
     ("label", note or None): label; the note says what an existing output is replaced for;
-    a DataError: it holds another input's labels, or is a file predict did not write, and data.overwrite is off."""
-    if not os.path.exists(output) or finished_earlier(output, world, expect):
-        return "label", None  # (finished earlier: the writer completes it without labeling)
+    a DataError: an interrupted run of this job split otherwise is there (check_resumable), or the output holds
+    another input's labels, or is a file predict did not write, and data.overwrite is off."""
+    if finished_earlier(output, expect) is not None:
+        return "label", None  # (the writer completes it without labeling)
     job = {"input_path": os.path.realpath(input_path), **expect}
-    side = read_job(output)
+    side = read_job(output) if os.path.exists(output) else None
+    differ = [k for k in job if k not in RESUME_ONLY and side.get(k) != job[k]] if side is not None else []
+    if side is not None and not differ and side.get("output") == input_fingerprint(output):
+        return "done", (f"{output}: already labeled ({count_rows(output)} rows of {input_path}, same labels, "
+                        "prompt and model); nothing to do (delete it to label again)")
+    check_resumable(output, expect)  # (after "done": progress files beside a finished output hold nothing to resume)
+    if not os.path.exists(output):
+        return "label", None
     if side is not None:
-        differ = [k for k in job if k not in RESUME_ONLY and side.get(k) != job[k]]
-        if not differ and side.get("output") == input_fingerprint(output):
-            return "done", (f"{output}: already labeled ({count_rows(output)} rows of {input_path}, same labels, "
-                            "prompt and model); nothing to do (delete it to label again)")
         if side.get("input_path") == job["input_path"] or side.get("input") == job["input"]:
             if not differ:
                 return "label", f"{output}: changed since it was labeled; labeling it again"
@@ -224,33 +229,69 @@ def part_path(output: str, rank: int) -> Path:
     return Path(f"{output}.part{rank}")
 
 
+def read_progress(output: str, rank: int) -> Optional[dict[str, Any]]:
+    """What rank `rank` recorded of its part file (the job it belongs to, chunks, bytes, rows), or None."""
+    prog = Path(f"{part_path(output, rank)}.json")
+    return json.loads(prog.read_text()) if prog.exists() else None
+
+
+def same_job(state: dict[str, Any], expect: dict[str, Any]) -> bool:
+    """Whether recorded progress belongs to the job `expect` describes, however that job was split (RESUME_ONLY)."""
+    return all(state.get(k) == v for k, v in expect.items() if k not in RESUME_ONLY)
+
+
 def load_progress(output: str, rank: int, expect: dict[str, Any]) -> dict[str, Any]:
     """The recorded progress of this rank if it belongs to the same job (input, labels, ranks), else a fresh start."""
-    prog = Path(f"{part_path(output, rank)}.json")
-    part = part_path(output, rank)
-    if prog.exists() and part.exists():
-        state = json.loads(prog.read_text())
+    state, part = read_progress(output, rank), part_path(output, rank)
+    if state is not None and part.exists():
         if all(state.get(k) == v for k, v in expect.items()) and part.stat().st_size >= state["bytes"]:
             return state
     return {**expect, "chunks": 0, "bytes": 0, "rows": 0}
 
 
-def finished_earlier(output: str, world: int, expect: dict[str, Any]) -> bool:
+def check_resumable(output: str, expect: dict[str, Any]) -> None:
+    """A DataError (one line: what to do) when a part file holds this same job's labels recorded under another
+    split (other RESUME_ONLY values): rank r holds chunks r, r + world, ... of sizes that follow from the world size
+    and chunk_rows (chunk_size), so this run could not continue them, and starting over would throw away what they
+    hold without asking. (Progress of another job is no one's: that rank starts over, as load_progress says.)"""
+    name = re.compile(re.escape(Path(output).name) + r"\.part(\d+)\.json")
+    ranks = sorted(int(m.group(1)) for f in os.listdir(Path(output).parent) if (m := name.fullmatch(f)))
+    states = [s for r in ranks if (s := read_progress(output, r)) is not None and part_path(output, r).exists()]
+    other = [s for s in states if same_job(s, expect) and any(s.get(k) != expect[k] for k in RESUME_ONLY)]
+    if not other:
+        return
+    differ = [k for k in RESUME_ONLY if other[0].get(k) != expect[k]]
+    split = [s for s in other if all(s.get(k) == other[0].get(k) for k in RESUME_ONLY)]  # (one earlier run's)
+    old, new = _split_words(other[0], differ), _split_words(expect, differ)
+    raise DataError(f"{output}: an interrupted run of this job labeled {sum(s['rows'] for s in split)} rows with "
+                    f"{old}, this run has {new}; a job resumes only as it was split over processes and chunks: run it "
+                    f"again with {old} to resume it, or delete {output}.part* to label it from the start")
+
+
+def _split_words(state: dict[str, Any], keys: Sequence[str]) -> str:
+    """How a job is split, in the words of its settings: "2 processes and data.predict_chunk_rows 4096"."""
+    words = {"world": lambda n: f"{n} process" + ("" if n == 1 else "es"),
+             "chunk_rows": lambda n: f"data.predict_chunk_rows {n}"}
+    return " and ".join(words[k](state.get(k)) for k in keys)
+
+
+def finished_earlier(output: str, expect: dict[str, Any]) -> Optional[int]:
     """A run of this same job that was killed after its output was in place but before it removed its progress
     files: every rank's progress matches the job, no part file is left, and the output holds exactly the bytes
-    they recorded. Then there is nothing to label again (only the progress files to remove)."""
-    if not os.path.isfile(output):
-        return False
+    they recorded. Then there is nothing to label again, only the progress files to remove: returns how many ranks
+    that run had (their progress files), else None. That run may have been split otherwise than this one: the
+    output it left is the same whatever the split."""
+    first = read_progress(output, 0)
+    if not os.path.isfile(output) or first is None or not same_job(first, expect):
+        return None
     total = 0
-    for r in range(world):
-        prog = Path(f"{part_path(output, r)}.json")
-        if part_path(output, r).exists() or not prog.exists():
-            return False
-        state = json.loads(prog.read_text())
-        if any(state.get(k) != v for k, v in expect.items()):
-            return False
+    for r in range(first["world"]):
+        state = read_progress(output, r)
+        if part_path(output, r).exists() or state is None or not same_job(state, expect) or \
+                any(state.get(k) != first.get(k) for k in RESUME_ONLY):
+            return None
         total += state["bytes"]
-    return os.path.getsize(output) == total
+    return first["world"] if os.path.getsize(output) == total else None
 
 
 def _write_progress(output: str, rank: int, state: dict[str, Any]) -> None:
@@ -342,7 +383,7 @@ class PredictionWriter(BasePredictionWriter):
         self.outside_at = outside_at  # the input line of the first gold label not in `labels` (check_input)
         self.pending: dict[int, dict[str, Any]] = {}  # chunk -> {"size", "rows": {index: line}}
         self.report: Optional[dict[str, Any]] = None  # counts and metrics of the finished output (rank 0)
-        self.done_before = False  # an earlier run of this job completed the output (see finished_earlier)
+        self.done_before: Optional[int] = None  # ranks of an earlier run that completed the output (finished_earlier)
         self.speed: Optional[dict[str, float]] = None  # rows this process labeled in this run, and in how long
         self.first_batch_s: Optional[float] = None  # from the stream's creation to the first batch, read and tokenized
         self.in_flight = None  # the last batch's (prediction, chunk): written when the next one is under way
@@ -350,6 +391,9 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer, pl_module) -> None:
         check_output_path(self.output)  # (the CLI checked it before loading anything; this is for direct use)
         self.rank, self.world = trainer.global_rank, trainer.world_size
+        if self.world != self.expect["world"]:  # (the chunks this run reads and writes would not be the job's)
+            raise RuntimeError(f"predict planned its job for {self.expect['world']} process(es) and runs on "
+                               f"{self.world}")
         self.t0, self.labeled, self.in_flight = time.perf_counter(), 0, None
         # Lightning fetches the first batch of a stream before this hook: the wait for it (reading and tokenizing
         # the first chunks, the GPU idle) is measured from when the loop asked for it (or the stream's creation)
@@ -358,8 +402,8 @@ class PredictionWriter(BasePredictionWriter):
         asked = getattr(stream, "asked", None) or getattr(stream, "created", None)
         self.first_batch_s = self.t0 - asked if asked is not None else None
         self.finisher = Finisher.for_run(trainer, pl_module, self.labels)
-        self.done_before = finished_earlier(self.output, self.world, self.expect)  # the data yields nothing then
-        if self.done_before:
+        self.done_before = finished_earlier(self.output, self.expect)  # the data yields nothing then
+        if self.done_before is not None:
             return
         self.state = load_progress(self.output, self.rank, self.expect)
         part = part_path(self.output, self.rank)
@@ -425,7 +469,7 @@ class PredictionWriter(BasePredictionWriter):
         if self.in_flight is not None:
             self._write(*self.in_flight)
             self.in_flight = None
-        if not self.done_before:
+        if self.done_before is None:
             self.file.close()
         if self.pending:
             raise RuntimeError(f"prediction ended with unfinished chunks {sorted(self.pending)}")
@@ -434,9 +478,9 @@ class PredictionWriter(BasePredictionWriter):
                       "first_batch_s": self.first_batch_s}
         trainer.strategy.barrier()
         if self.rank == 0:
-            if self.done_before:
+            if self.done_before is not None:
                 write_job(self.output, self.job)
-                _remove_progress(self.output, self.world)
+                _remove_progress(self.output, self.done_before)
             else:
                 finish_output(self.output, self.world, self.expect["chunk_rows"], self.job, self.finisher)
             self.report = prediction_report(self.output, self.labels)

@@ -245,6 +245,20 @@ def test_predict_on_two_processes_writes_the_one_process_file(ddp):
     assert not list(d.glob("p2.jsonl.*part*")) and not list(d.glob("p2.jsonl.merging"))
 
 
+def test_a_two_process_predict_plans_its_job_for_two_processes(workdir, tiny_dir, monkeypatch):
+    """The job a run records (progress files, then the job record) is planned in before_predict, before the
+    datamodule is attached to the trainer: it must say 2 processes all the same, or the same command run again
+    after a kill finds progress it cannot continue (test_faults.py runs that kill). In this process, without
+    labeling: Lightning's launcher would re-run this process's command line, pytest's."""
+    from finllm_pl.__main__ import FinLLMCLI
+    from finllm_pl.predict import PredictionWriter
+
+    monkeypatch.setattr(FinLLMCLI, "predict", lambda self, **kwargs: None)
+    cli = cli_main(["predict", *PREDICT, *TWO, "--trainer.accelerator", "cpu", "--data.predict_output", "p.jsonl"])
+    writer = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PredictionWriter))
+    assert cli.trainer.world_size == 2 and writer.expect["world"] == 2
+
+
 # -- (iv) resume on another world size ---------------------------------------------------------------------------
 def test_resuming_a_two_process_checkpoint_on_one_process_is_refused(ddp, capsys, monkeypatch):
     d = ddp["dir"]

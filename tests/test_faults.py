@@ -7,7 +7,8 @@ checkpoint and `last.ckpt`, during the adapter export) the watcher freezes the c
 sees the window open, checks the window is still open, and only then sends SIGKILL: a kill of a stopped process
 is a kill at that instant, so "landed inside a save" is verified, not guessed.
 
-The 20-kill fit, the 1,000,000-row labeling job and the 100,000-row memory baseline are marked slow:
+The 20-kill fit, the 1,000,000-row labeling job, the 100,000-row memory baseline and the kills of 2-process
+labeling jobs are marked slow:
     python -m pytest -q -m slow tests/test_faults.py -s
 (-s prints the figures; with FINLLM_RESULTS=<folder> they are also written there as JSON).
 """
@@ -34,6 +35,7 @@ import torch
 from finllm_pl.__main__ import cli_main
 from finllm_pl.callbacks import AtomicCheckpointIO, load_checkpoint_file
 from finllm_pl.errors import ModelError
+from finllm_pl.predict import chunk_size
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
@@ -59,12 +61,15 @@ class Child:
     /proc while it ran and just before a kill. (wait4's ru_maxrss is no good here: at exec Linux folds the
     parent's own peak into the child's, so a child of a big pytest process would report pytest's size.)"""
 
-    def __init__(self, cwd: Path, args: list[str], log: Path) -> None:
+    def __init__(self, cwd: Path, args: list[str], log: Path, group: bool = False) -> None:
         self.log = log
         self._log_file = open(log, "wb")
         self.t0 = time.monotonic()
+        # group: a session of its own, so that kill() reaches the processes it starts too (the other DDP ranks,
+        # which Lightning's launcher starts by re-running the command)
+        self.group = group
         self.proc = subprocess.Popen([sys.executable, "-m", "finllm_pl", *args], cwd=cwd, env=_env(),
-                                     stdout=self._log_file, stderr=subprocess.STDOUT)
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=group)
         self.rc: Optional[int] = None
         self.peak_rss_kb = 0
         self.wall = 0.0
@@ -123,9 +128,19 @@ class Child:
 
     def kill(self) -> None:
         self.sample_rss()
-        os.kill(self.pid, signal.SIGKILL)
+        if self.group:
+            os.killpg(self.pid, signal.SIGKILL)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
         _, status, ru = os.wait4(self.pid, 0)
         self._reaped(status, ru)
+
+    def kill_group(self) -> None:
+        """What is left of a group child's processes dies (one that outlived its rank 0 would hold up the suite)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_bytes()[-n:].decode(errors="replace")
@@ -424,10 +439,10 @@ def _write_input(path: Path, n: int) -> None:
                 for i in range(start, min(n, start + 100_000))))
 
 
-def _predict_args(chunk_rows: int, workers: int = 0) -> list[str]:
+def _predict_args(chunk_rows: int, workers: int = 0, output: str = "out/labels.jsonl") -> list[str]:
     # A short instruction: the job is about surviving kills, and short prompts label ~2x faster on a CPU.
     return ["predict", "--config", "configs/smoke.yaml", "--data.predict_path", "in.jsonl", "--data.predict_output",
-            "out/labels.jsonl", "--data.eval_batch_size", "256", "--data.predict_chunk_rows", str(chunk_rows),
+            output, "--data.eval_batch_size", "256", "--data.predict_chunk_rows", str(chunk_rows),
             "--data.instruction", "Sentiment?", "--data.num_workers", str(workers), *QUIET]
 
 
@@ -559,10 +574,14 @@ class _Crash(BaseException):
     """Stands for a kill at this point (BaseException: nothing in the product catches it)."""
 
 
+def _in_process_args(ws: Path, *extra: str) -> list[str]:
+    return ["predict", "--config", str(ROOT / "configs/smoke.yaml"), "--data.predict_path", str(ws / "in.jsonl"),
+            "--data.predict_output", str(ws / "out" / "labels.jsonl"), "--data.predict_chunk_rows", "5",
+            "--data.eval_batch_size", "4", *QUIET, *extra]
+
+
 def _predict_in_process(ws: Path, *extra: str) -> list[dict]:
-    cli_main(["predict", "--config", str(ROOT / "configs/smoke.yaml"), "--data.predict_path", str(ws / "in.jsonl"),
-              "--data.predict_output", str(ws / "out" / "labels.jsonl"), "--data.predict_chunk_rows", "5",
-              "--data.eval_batch_size", "4", *QUIET, *extra])
+    cli_main(_in_process_args(ws, *extra))
     with open(ws / "out" / "labels.jsonl") as f:
         return [json.loads(line) for line in f]
 
@@ -617,6 +636,168 @@ def test_labeling_recovers_when_killed_between_the_final_rename_and_the_cleanup(
     assert [r["id"] for r in got] == [f"r{i:07d}" for i in range(12)]
     assert (out / "labels.jsonl").read_text() == first
     assert sorted(p.name for p in out.iterdir()) == ["labels.jsonl", "labels.jsonl.job.json"]
+
+
+# -- several processes: a job of 2 DDP processes (gloo on CPU) killed, and run again -------------------------------
+TWO = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+
+
+def _recorded_rows(ws: Path, world: int = 2) -> list[int]:
+    """The rows each rank's progress record says its part file holds (0 before its first record)."""
+    rows = []
+    for r in range(world):
+        try:
+            rows.append(json.loads((ws / "out" / f"labels.jsonl.part{r}.json").read_text())["rows"])
+        except FileNotFoundError:
+            rows.append(0)
+    return rows
+
+
+def _kill_two_processes_midway(ws: Path, args: list[str], log: Path) -> list[int]:
+    """Run the 2-process command and SIGKILL all its processes once every rank has recorded a chunk; returns the rows
+    each rank had recorded (read after the kill: what a rerun finds)."""
+    child = Child(ws, args, log, group=True)
+    try:
+        while child.alive():
+            if min(_recorded_rows(ws)) > 0:
+                child.kill()
+                break
+            if time.monotonic() - child.t0 > 600:
+                raise AssertionError(f"2-process labeling ran over 600 s:\n{child.tail()}")
+            time.sleep(0.01)
+    finally:
+        child.kill_group()
+    assert child.rc == -signal.SIGKILL, f"the kill never landed: the job finished first\n{child.tail()}"
+    assert not (ws / "out" / "labels.jsonl").exists(), "the output appeared before the job finished"
+    return _recorded_rows(ws)
+
+
+def _run(ws: Path, args: list[str], log: Path) -> Child:
+    child = Child(ws, args, log, group=True)
+    try:
+        child.wait(600)
+    finally:
+        child.kill_group()
+    return child
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _assert_same_labels(got: list[dict], want: list[dict]) -> None:
+    assert [r["id"] for r in got] == [r["id"] for r in want]
+    assert [r["label"] for r in got] == [r["label"] for r in want]
+    diff = max(abs(g["probs"][k] - w["probs"][k]) for g, w in zip(got, want) for k in w["probs"])
+    assert diff <= 1e-5, diff
+
+
+def _rows_of_rank(n: int, chunk_rows: int, world: int, rank: int) -> int:
+    """How many of n input rows rank `rank` labels: chunk c (chunk_size rows) goes to rank c % world."""
+    rows, c, start = 0, 0, 0
+    while start < n:
+        size = min(chunk_size(c, chunk_rows, world), n - start)
+        rows += size if c % world == rank else 0
+        start, c = start + size, c + 1
+    return rows
+
+
+def _resume_refusal(output: str, rows: int, old: str, new: str) -> str:
+    return (f"error: {output}: an interrupted run of this job labeled {rows} rows with {old}, this run has {new}; a "
+            "job resumes only as it was split over processes and chunks: run it again with "
+            f"{old} to resume it, or delete {output}.part* to label it from the start")
+
+
+@pytest.mark.slow
+def test_a_two_process_labeling_job_killed_midway_resumes_where_it_stopped(tmp_path, tiny_dir, monkeypatch):
+    """2 gloo processes killed (both) once each rank has a chunk in its part file: the same command again finishes
+    the job, its output equal to one uninterrupted process's row for row, rank 0 labeling only the rows it had not
+    recorded; a third run finds the job done. 40-45 s on 2 shared CPU cores."""
+    n, chunk_rows = 4000, 256
+    ws = _workspace(tmp_path / "job")
+    _write_input(ws / "in.jsonl", n)
+    (ws / "out").mkdir()
+    monkeypatch.chdir(ws)
+    cli_main(_predict_args(chunk_rows, output="ref.jsonl"))  # the reference: 1 process, never stopped
+    want = _read_rows(ws / "ref.jsonl")
+    args = [*_predict_args(chunk_rows), *TWO]
+
+    recorded = _kill_two_processes_midway(ws, args, ws / "attempt0.log")
+    again = _run(ws, args, ws / "attempt1.log")
+    assert again.rc == 0, again.tail()
+    _assert_complete(_check_output(ws / "out" / "labels.jsonl", n))
+    _assert_same_labels(_read_rows(ws / "out" / "labels.jsonl"), want)
+    assert sorted(p.name for p in (ws / "out").iterdir()) == ["labels.jsonl", "labels.jsonl.job.json"]
+    # resumed, not started over: rank 0 labeled only what its part file did not hold yet
+    done = re.search(rf"labeled {n} rows -> out/labels.jsonl \((\d+) by this process", again.tail(20000))
+    assert done is not None, again.tail()
+    assert int(done.group(1)) == _rows_of_rank(n, chunk_rows, 2, 0) - recorded[0], (done.group(0), recorded)
+
+    first = (ws / "out" / "labels.jsonl").read_bytes()
+    third = _run(ws, args, ws / "attempt2.log")
+    assert third.rc == 0, third.tail()
+    assert f"out/labels.jsonl: already labeled ({n} rows of in.jsonl, same labels, prompt and model)" in third.tail()
+    assert (ws / "out" / "labels.jsonl").read_bytes() == first
+
+
+@pytest.mark.slow
+def test_a_two_process_job_is_not_resumed_on_one_process(tmp_path, tiny_dir):
+    """What 2 ranks recorded cannot be continued by 1 (rank r holds chunks r, r + 2, ..., whose sizes follow from
+    the world size): the 1-process run stops before the model loads, with one line saying what to do, and changes
+    no file; doing what it says (deleting the part files) labels the whole file on 1 process. 30-37 s."""
+    n, chunk_rows = 4000, 256
+    ws = _workspace(tmp_path / "job")
+    _write_input(ws / "in.jsonl", n)
+    (ws / "out").mkdir()
+    recorded = _kill_two_processes_midway(ws, [*_predict_args(chunk_rows), *TWO], ws / "attempt0.log")
+
+    before = {p.name: p.read_bytes() for p in (ws / "out").iterdir()}
+    one = _run(ws, _predict_args(chunk_rows), ws / "attempt1.log")
+    assert one.rc == 2, one.tail()
+    errors = [line for line in one.tail(20000).splitlines() if line.startswith("error:")]
+    assert errors == [_resume_refusal("out/labels.jsonl", sum(recorded), "2 processes", "1 process")]
+    assert {p.name: p.read_bytes() for p in (ws / "out").iterdir()} == before
+
+    for p in (ws / "out").glob("labels.jsonl.part*"):
+        p.unlink()
+    fresh = _run(ws, _predict_args(chunk_rows), ws / "attempt2.log")
+    assert fresh.rc == 0, fresh.tail()
+    _assert_complete(_check_output(ws / "out" / "labels.jsonl", n))
+    assert sorted(p.name for p in (ws / "out").iterdir()) == ["labels.jsonl", "labels.jsonl.job.json"]
+
+
+def test_a_one_process_job_is_not_resumed_on_two_processes(tmp_path, monkeypatch):
+    """The other way round: a 1-process job stopped after its first chunk, run again on 2 processes, stops with the
+    same line (before Lightning starts the second process: one line) and changes nothing; on 1 process it resumes."""
+    import finllm_pl.predict as predict
+
+    monkeypatch.chdir(tmp_path)
+    _write_input(tmp_path / "in.jsonl", 23)
+    (tmp_path / "out").mkdir()
+    want = _predict_in_process(tmp_path)
+    (tmp_path / "out" / "labels.jsonl").unlink()
+    real, calls = predict._write_progress, []
+
+    def crash_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Crash()
+        return real(*a, **k)
+
+    monkeypatch.setattr(predict, "_write_progress", crash_on_second)
+    with pytest.raises(_Crash):
+        _predict_in_process(tmp_path)
+    monkeypatch.setattr(predict, "_write_progress", real)
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # (a child process: Lightning's launcher re-runs the command line, which in this process is pytest's)
+    two = _run(tmp_path, _in_process_args(tmp_path, *TWO), tmp_path / "two.log")
+    assert two.rc == 2, two.tail()
+    errors = [line for line in two.tail(20000).splitlines() if line.startswith("error:")]
+    assert errors == [_resume_refusal(str(out / "labels.jsonl"), 5, "1 process", "2 processes")]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _predict_in_process(tmp_path) == want
 
 
 # ================================================================================================================
