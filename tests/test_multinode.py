@@ -253,7 +253,8 @@ def test_two_node_fit_writes_checkpoints_adapter_and_report_once_from_global_ran
     ck = [p for p in written(records, "0") if p.startswith("ckN/") and p != "ckN"]
     assert ck == ["ckN/step=000002.ckpt", "ckN/last.ckpt", "ckN/step=000004.ckpt", "ckN/last.ckpt", "ckN/adapter"], ck
     assert sorted(p for p in written(records, "0") if p.startswith("runN/")) == [
-        "runN/config.yaml", "runN/validation.json", "runN/validation.md", "runN/validation_confusion.png"]
+        "runN/calibration_reliability.png", "runN/config.yaml", "runN/validation.json", "runN/validation.md",
+        "runN/validation_confusion.png"]  # (the calibration fitted at the end of fit: its diagram, once)
     assert sorted(p.name for p in (d / "ckN").iterdir()) == ["adapter", "last.ckpt", "step=000002.ckpt",
                                                               "step=000004.ckpt"]
     assert out[0].count("adapter exported to") == 1 and "adapter exported" not in out[1]
