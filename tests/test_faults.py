@@ -586,18 +586,19 @@ def _predict_in_process(ws: Path, *extra: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_labeling_recovers_when_killed_after_a_part_write_before_its_progress_record(tmp_path, monkeypatch):
+def _killed_after_a_part_write_before_its_progress_record(ws: Path, monkeypatch) -> list[dict]:
+    """A 1-process job of 23 rows (chunks of 5) killed once its second chunk is in the part file (fsync'd) but its
+    progress record was never written: what that leaves in ws/out. Returns an uninterrupted run's rows."""
     import finllm_pl.predict as predict
 
-    monkeypatch.chdir(tmp_path)  # whatever the run writes beside its output stays in the test's folder
-    _write_input(tmp_path / "in.jsonl", 23)
-    (tmp_path / "out").mkdir()
-    want = _predict_in_process(tmp_path)
-    (tmp_path / "out" / "labels.jsonl").unlink()
-
+    monkeypatch.chdir(ws)  # whatever the run writes beside its output stays in the test's folder
+    _write_input(ws / "in.jsonl", 23)
+    (ws / "out").mkdir()
+    want = _predict_in_process(ws)
+    (ws / "out" / "labels.jsonl").unlink()
     real, calls = predict._write_progress, []
 
-    def crash_on_second(*a, **k):  # chunk 2 is in the part file (fsync'd), its progress record never written
+    def crash_on_second(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise _Crash()
@@ -605,10 +606,15 @@ def test_labeling_recovers_when_killed_after_a_part_write_before_its_progress_re
 
     monkeypatch.setattr(predict, "_write_progress", crash_on_second)
     with pytest.raises(_Crash):
-        _predict_in_process(tmp_path)
+        _predict_in_process(ws)
+    monkeypatch.setattr(predict, "_write_progress", real)  # (not monkeypatch.undo(): it would undo the chdir too)
+    return want
+
+
+def test_labeling_recovers_when_killed_after_a_part_write_before_its_progress_record(tmp_path, monkeypatch):
+    want = _killed_after_a_part_write_before_its_progress_record(tmp_path, monkeypatch)
     part, prog = tmp_path / "out" / "labels.jsonl.part0", _progress(tmp_path)
     assert prog["chunks"] == 1 and part.stat().st_size > prog["bytes"]  # more bytes than recorded
-    monkeypatch.setattr(predict, "_write_progress", real)  # (not monkeypatch.undo(): it would undo the chdir too)
     got = _predict_in_process(tmp_path)
     assert got == want
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["labels.jsonl", "labels.jsonl.job.json"]
@@ -770,25 +776,7 @@ def test_a_two_process_job_is_not_resumed_on_one_process(tmp_path, tiny_dir):
 def test_a_one_process_job_is_not_resumed_on_two_processes(tmp_path, monkeypatch):
     """The other way round: a 1-process job stopped after its first chunk, run again on 2 processes, stops with the
     same line (before Lightning starts the second process: one line) and changes nothing; on 1 process it resumes."""
-    import finllm_pl.predict as predict
-
-    monkeypatch.chdir(tmp_path)
-    _write_input(tmp_path / "in.jsonl", 23)
-    (tmp_path / "out").mkdir()
-    want = _predict_in_process(tmp_path)
-    (tmp_path / "out" / "labels.jsonl").unlink()
-    real, calls = predict._write_progress, []
-
-    def crash_on_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise _Crash()
-        return real(*a, **k)
-
-    monkeypatch.setattr(predict, "_write_progress", crash_on_second)
-    with pytest.raises(_Crash):
-        _predict_in_process(tmp_path)
-    monkeypatch.setattr(predict, "_write_progress", real)
+    want = _killed_after_a_part_write_before_its_progress_record(tmp_path, monkeypatch)
     out = tmp_path / "out"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     # (a child process: Lightning's launcher re-runs the command line, which in this process is pytest's)
