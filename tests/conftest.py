@@ -58,6 +58,19 @@ def tiny_tokenizer(tiny_dir):
     return load_tokenizer(str(tiny_dir))
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short fit of the smoke config, once per test module: (run folder, adapter folder, last.ckpt)."""
+    from finllm_pl.__main__ import cli_main
+
+    run = tmp_path_factory.mktemp("fit")
+    cli_main(["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--data.train_path", str(ROOT / "data/sample.jsonl"),
+              "--trainer.max_steps", "6", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+              "--trainer.default_root_dir", str(run), "--checkpoint.dirpath", str(run / "ck"),
+              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
+    return run, run / "ck" / "adapter", run / "ck" / "last.ckpt"
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A temp working folder holding a copy of the bundled sample and configs (runs write checkpoints/ here)."""

@@ -17,16 +17,6 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A short fit of the smoke config: (run folder, adapter folder, last.ckpt)."""
-    run = tmp_path_factory.mktemp("fit")
-    cli_main(["fit", "--config", str(ROOT / "configs/smoke.yaml"), "--data.train_path", str(SAMPLE),
-              "--trainer.max_steps", "6", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-              "--trainer.default_root_dir", str(run), "--checkpoint.dirpath", str(run / "ck"), *QUIET])
-    return run, run / "ck" / "adapter", run / "ck" / "last.ckpt"
-
-
-@pytest.fixture(scope="module")
 def news(tmp_path_factory):
     """12 texts to label."""
     path = tmp_path_factory.mktemp("news") / "news.txt"
